@@ -1,0 +1,1 @@
+"""Small shared helpers (filesystem safety, devices)."""
