@@ -14,7 +14,7 @@ def reference_attention(x, qkv_w, qkv_b, proj_w, proj_b, heads, dq, dv, scale):
     q, k, v = qkv.split([heads * dq, heads * dq, heads * dv], -1)
     outs = []
     for h in range(heads):
-        qh, kh, vh = q[..., h * dq:(h + 1) * dq], k[..., h * dq:(h + 1) * dq], v[..., h * dv:(h + 1) * dv]
+        qh, kh, vh = q[..., h * dq : (h + 1) * dq], k[..., h * dq : (h + 1) * dq], v[..., h * dv : (h + 1) * dv]
         att = torch.softmax(qh @ kh.transpose(-1, -2) * scale, -1)
         outs.append(att @ vh)
     return torch.cat(outs, -1) @ proj_w.T + proj_b
@@ -22,8 +22,9 @@ def reference_attention(x, qkv_w, qkv_b, proj_w, proj_b, heads, dq, dv, scale):
 
 def test_attention_matches_plain_reference():
     torch.manual_seed(0)
-    cfg = ViTConfig(embed_dim=16, blocks=[BlockConfig(3, 5, 7, 20, scale=0.3)], num_classes=2, img_size=16,
-                    patch_size=8)
+    cfg = ViTConfig(
+        embed_dim=16, blocks=[BlockConfig(3, 5, 7, 20, scale=0.3)], num_classes=2, img_size=16, patch_size=8
+    )
     attn = ViT(cfg).blocks[0].attn
     x = torch.randn(2, 5, 16)
     ref = reference_attention(x, attn.qkv.weight, attn.qkv.bias, attn.proj.weight, attn.proj.bias, 3, 5, 7, 0.3)
@@ -32,7 +33,7 @@ def test_attention_matches_plain_reference():
 
 def test_scale_is_stored_not_derived():
     b = BlockConfig(3, 64, 64, 768)
-    assert b.scale == pytest.approx(64 ** -0.5)
+    assert b.scale == pytest.approx(64**-0.5)
     pruned = BlockConfig(3, 40, 64, 768, scale=b.scale)
     assert pruned.scale == pytest.approx(1 / 8)
     assert ViTConfig.from_json(ViTConfig(embed_dim=8, blocks=[pruned]).to_json()).blocks[0].scale == pruned.scale

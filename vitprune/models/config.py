@@ -60,9 +60,7 @@ class ViTConfig:
         if self.embed_dim <= 0:
             raise VitPruneError(f"embed_dim must be positive, got {self.embed_dim}")
         if self.patch_size <= 0 or self.img_size % self.patch_size:
-            raise VitPruneError(
-                f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}"
-            )
+            raise VitPruneError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
         if self.global_pool not in ("token", "avg"):
             raise VitPruneError(f"global_pool must be 'token' or 'avg', got {self.global_pool!r}")
         if self.global_pool == "token" and not self.class_token:

@@ -169,9 +169,7 @@ class ViT(nn.Module):
         )
         self.norm = nn.LayerNorm(d, eps=c.norm_eps)
         self.head = nn.Linear(d, c.num_classes) if c.num_classes > 0 else nn.Identity()
-        self.head_dist = (
-            nn.Linear(d, c.num_classes) if c.distilled and c.num_classes > 0 else None
-        )
+        self.head_dist = nn.Linear(d, c.num_classes) if c.distilled and c.num_classes > 0 else None
         self.register_buffer("emb_mask", None)
         self.reset_parameters()
 
@@ -212,7 +210,7 @@ class ViT(nn.Module):
         b, _, gh, gw = x.shape
         x = x.flatten(2).transpose(1, 2)
         prefix = [t.expand(b, -1, -1) for t in (self.cls_token, self.dist_token) if t is not None]
-        x = torch.cat(prefix + [x], dim=1) + self._pos_embed(gh, gw)
+        x = torch.cat([*prefix, x], dim=1) + self._pos_embed(gh, gw)
         mask = self.emb_mask
         if mask is not None:
             x = x * mask
