@@ -15,6 +15,7 @@ from vitprune.errors import VitPruneError
 
 COMMAND_MODULES = [
     "vitprune.cli.model_cmds",
+    "vitprune.cli.prune_cmds",
 ]
 
 
