@@ -16,6 +16,8 @@ from vitprune.errors import VitPruneError
 COMMAND_MODULES = [
     "vitprune.cli.model_cmds",
     "vitprune.cli.prune_cmds",
+    "vitprune.cli.train_cmds",
+    "vitprune.cli.lut_cmds",
 ]
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-PRUNE_MODULES = []
+PRUNE_MODULES = ["vitprune.cli.prune_vtp", "vitprune.cli.prune_nvit", "vitprune.cli.prune_obs"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:

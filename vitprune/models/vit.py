@@ -81,7 +81,7 @@ class Attention(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         b, n, _ = x.shape
         if self.heads == 0 or self.v_dim == 0:
-            return self.proj.bias.expand(b, n, -1)
+            return self.proj.bias.expand(b, n, -1).clone()  # a non-view result: safe under inference_mode
         h, dq, dv = self.heads, self.qk_dim, self.v_dim
         qkv = self.qkv(x)
         q, k, v = qkv.split([h * dq, h * dq, h * dv], dim=-1)
@@ -115,7 +115,7 @@ class Mlp(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.hidden == 0:
-            return self.fc2.bias.expand(*x.shape[:-1], -1)
+            return self.fc2.bias.expand(*x.shape[:-1], -1).clone()
         h = self.act(self.fc1(x))
         if self.gate is not None:
             h = h * self.gate

@@ -1,0 +1,119 @@
+"""Helpers every benchmark script shares: where the real model/data live, what machine ran, where results go.
+
+A benchmark writes ``benchmarks/results/<name>.json`` (the numbers plus :func:`environment`) and
+``benchmarks/results/<name>.md`` (a Markdown table plus the same provenance), both atomically.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+
+if str(REPO) not in sys.path:  # run as ``python benchmarks/x.py`` without installing
+    sys.path.insert(0, str(REPO))
+
+from vitprune.utils.fs import atomic_write_text  # noqa: E402
+
+
+def shared_root() -> Path:
+    """``$VITPRUNE_SHARED`` or ``../shared`` relative to the repository root."""
+    return Path(os.environ.get("VITPRUNE_SHARED", REPO.parent / "shared")).resolve()
+
+
+def shared_model() -> Path:
+    return shared_root() / "models" / "vit_tiny_patch16_224.tinyimagenet200"
+
+
+def shared_data() -> Path:
+    return shared_root() / "data" / "tiny-imagenet-200"
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def git_commit() -> str:
+    """``<sha>`` (with ``+dirty`` when the working tree has changes), or ``unknown``."""
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True, text=True
+        ).stdout.strip()
+        return sha + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def command_line() -> str:
+    return shlex.join([Path(sys.executable).name, *sys.argv])
+
+
+def environment() -> dict[str, Any]:
+    """Machine, software and provenance of a benchmark run."""
+    return {
+        "command": command_line(),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": git_commit(),
+        "machine": {
+            "cpu": cpu_model(),
+            "cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "platform": platform.platform(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        },
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "shared_root": str(shared_root()),
+    }
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    def fmt(v: Any) -> str:
+        return f"{v:.2f}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(" --- " for _ in headers) + "|"]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def provenance_markdown(env: dict[str, Any]) -> str:
+    m = env["machine"]
+    return (
+        f"- command: `{env['command']}`\n"
+        f"- date (UTC): {env['date']}; git: {env['git_commit']}\n"
+        f"- machine: {m['cpu']}, {m['cores']} cores, torch threads {m['torch_threads']}"
+        + (f", GPU {m['cuda']}" if m.get("cuda") else "")
+        + (f", load average {m['loadavg'][0]:.1f} when written" if m.get("loadavg") else "")
+        + f"\n- torch {env['torch']}, Python {env['python']}\n"
+    )
+
+
+def write_results(name: str, record: dict[str, Any], markdown: str, results_dir: Path | None = None) -> Path:
+    """Write ``<name>.json`` (``record`` + ``environment``) and ``<name>.md`` (``markdown`` + provenance)."""
+    out = Path(results_dir or RESULTS)
+    env = record.setdefault("environment", environment())
+    atomic_write_text(out / f"{name}.json", json.dumps(record, indent=2, default=str) + "\n", overwrite=True)
+    atomic_write_text(out / f"{name}.md", markdown.rstrip() + "\n\n" + provenance_markdown(env), overwrite=True)
+    return out / f"{name}.json"

@@ -1,0 +1,355 @@
+"""``vitprune train`` (a ViT from scratch on Fashion-MNIST) and ``vitprune finetune`` (distillation on an
+ImageFolder dataset). Both are thin over :class:`vitprune.training.Trainer`; under ``torchrun`` they train
+with DistributedDataParallel (``--batch-size`` is the global batch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from vitprune.errors import VitPruneError
+from vitprune.training import distributed as D
+from vitprune.training.engine import TrainConfig, Trainer
+from vitprune.training.runinfo import LoadSampler, command_line, loadavg, machine_info, utc_now
+from vitprune.training.sampler import EpochSampler
+from vitprune.utils.fs import check_writable_target
+
+
+def _pair(text: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected two numbers 'LO,HI', got {text!r}") from None
+    return lo, hi
+
+
+def add_training_args(p: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
+    """Options mapped one-to-one onto :class:`TrainConfig` plus loader/device/output options."""
+    g = p.add_argument_group("training")
+    g.add_argument("--steps", type=int, default=None, help="optimizer steps (wins over --epochs)")
+    g.add_argument("--epochs", type=float, default=defaults.get("epochs"), help="passes over the training data")
+    g.add_argument("--batch-size", type=int, default=defaults.get("batch_size", 128), help="global batch size")
+    g.add_argument("--lr", type=float, default=defaults.get("lr", 1e-3))
+    g.add_argument("--min-lr", type=float, default=defaults.get("min_lr", 1e-6))
+    g.add_argument("--weight-decay", type=float, default=defaults.get("weight_decay", 0.05))
+    g.add_argument("--warmup-steps", type=int, default=defaults.get("warmup_steps", 0))
+    g.add_argument("--grad-clip", type=float, default=defaults.get("grad_clip", 0.0), help="0 disables")
+    g.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none")
+    g.add_argument("--drop-path", type=float, default=defaults.get("drop_path"))
+    g.add_argument("--label-smoothing", type=float, default=defaults.get("label_smoothing", 0.0))
+    g.add_argument("--mixup", type=float, default=defaults.get("mixup", 0.0), help="Beta alpha; 0 disables")
+    g.add_argument("--cutmix", type=float, default=defaults.get("cutmix", 0.0), help="Beta alpha; 0 disables")
+    g.add_argument("--seed", type=int, default=0)
+    a = p.add_argument_group("augmentation")
+    a.add_argument("--randaugment", default=defaults.get("randaugment", "none"), help="e.g. rand-m9-n2, or none")
+    a.add_argument("--hflip", type=float, default=defaults.get("hflip", 0.5), help="horizontal flip probability")
+    r = p.add_argument_group("run")
+    r.add_argument("--out", required=True, help="run directory: checkpoint.pt, metrics.jsonl, model/, summary.json")
+    r.add_argument("--export", default=None, help="also write the final model directory here")
+    r.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    r.add_argument("--overwrite", action="store_true", help="replace an existing run in --out / --export")
+    r.add_argument("--ckpt-every", type=int, default=200, help="checkpoint every N steps (and at the end)")
+    r.add_argument("--log-every", type=int, default=50)
+    r.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (always at the end)")
+    r.add_argument("--workers", type=int, default=0, help="data loader worker processes")
+    r.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    r.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    r.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def config_from_args(args: argparse.Namespace, **extra: Any) -> TrainConfig:
+    return TrainConfig(
+        steps=args.steps,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        min_lr=min(args.min_lr, args.lr),
+        weight_decay=args.weight_decay,
+        warmup_steps=args.warmup_steps,
+        grad_clip=args.grad_clip,
+        amp=args.amp,
+        drop_path=args.drop_path,
+        label_smoothing=args.label_smoothing,
+        mixup=args.mixup,
+        cutmix=args.cutmix,
+        seed=args.seed,
+        ckpt_every=args.ckpt_every,
+        log_every=args.log_every,
+        eval_every=args.eval_every,
+        progress=not args.no_progress,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        **extra,
+    )
+
+
+def _setup_runtime(args: argparse.Namespace) -> torch.device:
+    from vitprune.utils.device import resolve_device
+
+    if args.threads is not None:
+        if args.threads <= 0:
+            raise VitPruneError(f"--threads must be positive, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    device = D.setup_distributed(resolve_device(args.device))
+    if args.export and D.rank() == 0:
+        check_writable_target(args.export, overwrite=args.overwrite)
+    if args.batch_size <= 0 or args.batch_size % D.world_size():
+        raise VitPruneError(
+            f"--batch-size {args.batch_size} must be a positive multiple of the {D.world_size()} processes"
+        )
+    return device
+
+
+def _train_loader(dataset, args: argparse.Namespace, drop_last: bool = True) -> DataLoader:
+    """Shuffled, resumable, rank-sharded loader of per-process batches."""
+    sampler = EpochSampler(len(dataset), True, args.seed, D.world_size(), D.rank(), drop_last=False)
+    return DataLoader(
+        dataset,
+        batch_size=args.batch_size // D.world_size(),
+        sampler=sampler,
+        num_workers=args.workers,
+        drop_last=drop_last,
+        persistent_workers=args.workers > 0,
+        generator=torch.Generator().manual_seed(args.seed),
+    )
+
+
+def _eval_loader(dataset, batch_size: int, workers: int) -> DataLoader:
+    from vitprune.data.imagefolder import make_loader
+
+    return make_loader(dataset, batch_size, workers=workers, shuffle=False, distributed=D.is_distributed())
+
+
+def _finish(model, args, trainer: Trainer, summary: dict[str, Any], meta: dict[str, Any], t0: float) -> int:
+    from vitprune.models.io import save
+
+    meta.update(
+        {
+            "train_time_s": summary.get("train_time_s"),
+            "train_cpu_time_s": summary.get("cpu_time_s"),
+            "wall_s": round(time.perf_counter() - t0, 1),
+            "steps": summary.get("steps"),
+            "epochs": summary.get("epochs"),
+            "images_seen": summary.get("images_seen"),
+            "final_loss": summary.get("final_loss"),
+            "training": summary.get("config"),
+            "loadavg_end": loadavg(),
+            "date": utc_now(),
+        }
+    )
+    if D.rank() == 0:
+        out = Path(args.out)
+        save(model, out / "model", overwrite=True, meta=meta)
+        if args.export:
+            save(model, args.export, overwrite=args.overwrite, meta=meta)
+        ev = summary.get("eval") or {}
+        acc = f", top-1 {ev['top1']:.2f} %" if "top1" in ev else ""
+        print(f"trained {summary['steps']} steps in {summary['train_time_s']:.0f} s{acc}; model: {out / 'model'}")
+    D.barrier()
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- train
+TRAIN_DEFAULTS = {
+    "epochs": 8,
+    "batch_size": 128,
+    "lr": 2e-3,
+    "min_lr": 1e-5,
+    "weight_decay": 0.05,
+    "warmup_steps": 300,
+    "grad_clip": 1.0,
+    "label_smoothing": 0.1,
+    "randaugment": "none",
+    "hflip": 0.5,
+}
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from vitprune.data.fashion_mnist import FashionMNIST
+    from vitprune.metrics.evaluate import evaluate
+    from vitprune.models.vit import ViT, num_params
+    from vitprune.training.augment import build_train_transform
+    from vitprune.training.checkpoint import seed_everything
+    from vitprune.training.default_model import fashion_mnist_config
+
+    t0 = time.perf_counter()
+    load_start = loadavg()
+    device = _setup_runtime(args)
+    cfg = fashion_mnist_config(args.embed_dim, args.depth, args.heads, args.mlp_ratio, args.patch_size)
+    transform = build_train_transform(
+        28, scale=None, crop_padding=args.crop_padding, hflip=args.hflip, randaugment=args.randaugment
+    )
+    train_set = FashionMNIST(args.data_root, "train", transform=transform, limit=args.limit)
+    test_set = FashionMNIST(args.data_root, "test", limit=args.test_limit)
+    test_loader = _eval_loader(test_set, 500, 0)
+    seed_everything(args.seed)
+    model = ViT(cfg)
+    sampler = LoadSampler(every=max(args.log_every, 1))
+    trainer = Trainer(
+        model,
+        config_from_args(args),
+        _train_loader(train_set, args),
+        out_dir=args.out,
+        device=device,
+        hooks=[sampler],
+        eval_fn=lambda m: evaluate(m, test_loader, device=device, progress=False),
+    )
+    summary = trainer.fit()
+    meta = {
+        "what": "ViT trained from scratch on Fashion-MNIST by `vitprune train`",
+        "command": command_line(),
+        "dataset": "Fashion-MNIST (Debian dataset-fashion-mnist, MIT licence): 60,000 train / 10,000 test",
+        "test": summary.get("eval"),
+        "params": num_params(model),
+        "machine": machine_info(),
+        "world_size": D.world_size(),
+        "loadavg_start": load_start,
+        "loadavg_during": sampler.summary(),
+    }
+    return _finish(model, args, trainer, summary, meta, t0)
+
+
+def register_train(sub: argparse._SubParsersAction) -> None:
+    from vitprune.training.default_model import DEFAULT_ARCH
+
+    p = sub.add_parser(
+        "train",
+        help="train a small ViT from scratch on Fashion-MNIST (the shipped default model)",
+        description="Train a ViT from scratch on Fashion-MNIST (28x28, 10 classes) and evaluate it on the test set.",
+    )
+    m = p.add_argument_group("model")
+    m.add_argument("--embed-dim", type=int, default=DEFAULT_ARCH["embed_dim"])
+    m.add_argument("--depth", type=int, default=DEFAULT_ARCH["depth"])
+    m.add_argument("--heads", type=int, default=DEFAULT_ARCH["heads"])
+    m.add_argument("--mlp-ratio", type=float, default=DEFAULT_ARCH["mlp_ratio"])
+    m.add_argument("--patch-size", type=int, default=DEFAULT_ARCH["patch_size"], help="4, 7, 14 or 28")
+    d = p.add_argument_group("data")
+    d.add_argument("--data-root", default=None, help="Fashion-MNIST IDX folder (default: Debian's location)")
+    d.add_argument("--crop-padding", type=int, default=2, help="random crop after padding by N pixels")
+    d.add_argument("--limit", type=int, default=None, help="use only the first N training images")
+    d.add_argument("--test-limit", type=int, default=None, help="evaluate on the first N test images")
+    add_training_args(p, TRAIN_DEFAULTS)
+    p.set_defaults(func=cmd_train)
+
+
+# ------------------------------------------------------------------------------------------- finetune
+FINETUNE_DEFAULTS = {
+    "epochs": 1,
+    "batch_size": 64,
+    "lr": 1e-4,
+    "min_lr": 1e-6,
+    "weight_decay": 0.05,
+    "warmup_steps": 20,
+    "grad_clip": 1.0,
+    "label_smoothing": 0.0,
+    "randaugment": "none",
+    "hflip": 0.5,
+}
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from vitprune.data.imagefolder import ImageFolderDataset
+    from vitprune.data.transforms import eval_transform_for
+    from vitprune.metrics.evaluate import evaluate
+    from vitprune.models.checkpoints import load_model
+    from vitprune.models.vit import num_params
+    from vitprune.training.augment import build_train_transform
+
+    t0 = time.perf_counter()
+    load_start = loadavg()
+    device = _setup_runtime(args)
+    model = load_model(args.model, preset=args.arch_preset)
+    teacher = load_model(args.teacher, preset=args.arch_preset) if args.teacher else None
+    if teacher is not None and teacher.config.num_classes != model.config.num_classes:
+        raise VitPruneError(
+            f"teacher has {teacher.config.num_classes} classes but the model has {model.config.num_classes}"
+        )
+    ev = eval_transform_for(model.config.preprocess, default=args.preset, img_size=args.img_size)
+    train_tf = build_train_transform(
+        ev.img_size,
+        mean=ev.mean,
+        std=ev.std,
+        scale=args.crop_scale,
+        hflip=args.hflip,
+        randaugment=args.randaugment,
+        interpolation=ev.interpolation if ev.interpolation in ("bilinear", "bicubic", "nearest") else "bilinear",
+    )
+    train_set = ImageFolderDataset(args.data, train_tf, args.classes, args.limit_per_class)
+    if train_set.num_classes > model.config.num_classes:
+        raise VitPruneError(f"{args.data} has {train_set.num_classes} classes, the model {model.config.num_classes}")
+    eval_fn = None
+    if args.val:
+        val_set = ImageFolderDataset(args.val, ev, args.classes, args.val_limit_per_class)
+        val_loader = _eval_loader(val_set, args.eval_batch_size, args.workers)
+        eval_fn = lambda m: evaluate(m, val_loader, device=device, progress=False)  # noqa: E731
+    before = None
+    if eval_fn is not None and not args.resume and not args.skip_eval_before:
+        before = eval_fn(model.to(device))
+        if D.rank() == 0:
+            print(f"before fine-tuning: top-1 {before['top1']:.2f} %")
+    sampler = LoadSampler(every=max(args.log_every, 1))
+    extra = {"distill_alpha": args.distill_alpha, "distill_temperature": args.distill_temperature}
+    trainer = Trainer(
+        model,
+        config_from_args(args, **extra),
+        _train_loader(train_set, args),
+        teacher=teacher,
+        out_dir=args.out,
+        device=device,
+        hooks=[sampler],
+        eval_fn=eval_fn,
+    )
+    summary = trainer.fit()
+    meta = {
+        "what": "fine-tuned by `vitprune finetune`",
+        "command": command_line(),
+        "student": str(args.model),
+        "teacher": str(args.teacher) if args.teacher else None,
+        "data": str(args.data),
+        "val": str(args.val) if args.val else None,
+        "eval_before": before,
+        "eval": summary.get("eval"),
+        "params": num_params(model),
+        "machine": machine_info(),
+        "world_size": D.world_size(),
+        "loadavg_start": load_start,
+        "loadavg_during": sampler.summary(),
+    }
+    return _finish(model, args, trainer, summary, meta, t0)
+
+
+def register_finetune(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "finetune",
+        help="fine-tune a (pruned) model, optionally distilling from a teacher, on ImageFolder data",
+        description="Fine-tune MODEL on DIR/<class>/<image> data; with --teacher, soft distillation "
+        "alpha * T^2 * KL(teacher || student) + (1 - alpha) * CE.",
+    )
+    p.add_argument("model", help="model to fine-tune (vitprune dir, timm .pth/.safetensors, Hugging Face dir)")
+    p.add_argument("--teacher", default=None, help="teacher model for distillation")
+    p.add_argument("--data", required=True, help="training images: DIR/<class>/<image>")
+    p.add_argument("--val", default=None, help="validation images, evaluated before and after")
+    p.add_argument("--classes", default=None, help="file whose line i names output i")
+    p.add_argument("--preset", default="shared", help="preprocessing preset when the model records none")
+    p.add_argument("--arch-preset", default=None, help="architecture preset for bare timm weights")
+    p.add_argument("--img-size", type=int, default=None)
+    p.add_argument("--crop-scale", type=_pair, default=(0.35, 1.0), help="RandomResizedCrop area range LO,HI")
+    p.add_argument("--limit-per-class", type=int, default=None)
+    p.add_argument("--val-limit-per-class", type=int, default=None)
+    p.add_argument("--eval-batch-size", type=int, default=64)
+    p.add_argument("--skip-eval-before", action="store_true", help="do not evaluate before fine-tuning")
+    p.add_argument("--distill-alpha", type=float, default=1.0, help="weight of the distillation term")
+    p.add_argument("--distill-temperature", type=float, default=1.0)
+    add_training_args(p, FINETUNE_DEFAULTS)
+    p.set_defaults(func=cmd_finetune)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    register_train(sub)
+    register_finetune(sub)

@@ -1,0 +1,6 @@
+"""Datasets, preprocessing and loaders."""
+
+from vitprune.data.imagefolder import ImageFolderDataset, make_loader, read_classes_file
+from vitprune.data.transforms import build_eval_transform, eval_transform_for
+
+__all__ = ["ImageFolderDataset", "build_eval_transform", "eval_transform_for", "make_loader", "read_classes_file"]

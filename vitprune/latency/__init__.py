@@ -1,0 +1,1 @@
+"""Latency lookup tables (lut.py): build on the target device, interpolate, check against measurements."""

@@ -1,0 +1,2 @@
+"""Saliency scores: NViT Hessian-aware group saliency (hessian.py), block Fisher inverses and OBS (fisher.py,
+obs.py)."""
