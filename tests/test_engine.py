@@ -278,3 +278,13 @@ def test_cli_finetune_with_teacher_on_image_folder(tmp_path, capsys):
     bad = ["finetune", str(tmp_path / "student"), "--teacher", str(tmp_path / "teacher5"), "--data", str(data)]
     assert main([*bad, "--img-size", "32", "--steps", "1", "--out", str(tmp_path / "run2")]) == 2
     assert "teacher has 5 classes" in capsys.readouterr().err
+
+
+def test_resume_without_a_checkpoint_starts_afresh(tmp_path):
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n')  # killed before its first checkpoint
+    with pytest.raises(VitPruneError, match="unfinished run"):
+        Trainer(_model(), _cfg(steps=2), _loader(), out_dir=out).fit()
+    assert Trainer(_model(), _cfg(steps=2, resume=True), _loader(), out_dir=out).fit()["steps"] == 2
+    assert all(json.loads(x)["loss"] != 9.0 for x in (out / "metrics.jsonl").read_text().splitlines())

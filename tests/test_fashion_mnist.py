@@ -105,3 +105,21 @@ def test_cli_train_small_run(tmp_path):
     assert meta["test"]["n"] == 200 and meta["steps"] == 4 and meta["machine"]["cores"] >= 1
     assert meta["command"].startswith("vitprune train") and "loadavg_during" in meta
     assert meta["train_cpu_time_s"] > 0
+
+
+def test_shipped_default_model_is_small_documented_and_accurate():
+    from vitprune.training.default_model import default_model_dir, default_model_meta, load_default_model
+
+    model = load_default_model()
+    assert not model.training and model.config.in_chans == 1 and model.config.num_classes == 10
+    assert model.config.blocks[0].heads >= 4 and model.config.embed_dim % 8 == 0
+    assert (default_model_dir() / "model.safetensors").stat().st_size < 2_000_000
+    meta = default_model_meta()
+    assert meta["command"].startswith("vitprune train") and meta["test"]["n"] == 10_000
+    assert meta["test"]["top1"] >= 88.0
+    assert {"cpu", "cores", "torch"} <= set(meta["machine"]) and "loadavg_during" in meta
+    if DEFAULT_ROOT.is_dir():  # re-measure on a slice of the test set
+        x, y = FashionMNIST(split="test", limit=1000).tensors()
+        with torch.inference_mode():
+            acc = (model(x).argmax(1) == y).float().mean().item() * 100
+        assert acc > 85.0

@@ -281,3 +281,43 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert main(bad) == 2
     assert "unreachable" in capsys.readouterr().err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_per_cost_criterion_weighs_saliency_by_cost_saved():
+    config = _config()
+    scores = _flat_scores(config, 1e3)
+    scores["blocks.0.mlp"][:16] = 0.4 / 16  # lowest saliency, saves fc1+fc2 of 16 neurons
+    scores["blocks.1.qk"][:8] = 0.5 / 8  # a bit more saliency, saves twice the MACs (q and k rows, scores)
+    cost = CostModel(config, "macs")
+    dense = cost.total(config.embed_dim, config.blocks)
+    first = {}
+    for criterion in ("saliency", "per_cost"):
+        masks = StructuralMasks.all_kept(config)
+        settings = NViTConfig(target=0.99, criterion=criterion, round_to=None)
+        removed, _ = select_removals(config, masks, scores, settings, cost, dense - 1)
+        first[criterion] = (removed[0]["kind"], removed[0]["block"])
+    assert first == {"saliency": ("mlp", 0), "per_cost": ("qk", 1)}
+
+
+def test_cli_latency_target_with_lut(tmp_path, capsys):
+    from vitprune.latency.lut import device_name
+
+    model = _model(7)
+    model.config.preprocess = {"preset": "shared", "img_size": 16}
+    save(model, tmp_path / "m")
+    data = _image_folder(tmp_path / "data", per_class=2)
+    table = _lut(model.config, mlp_cost=1.0)  # synthetic (monotone) timings, this machine's CPU
+    table.meta |= {"device_name": device_name(torch.device("cpu")), "batch_size": 2, "threads": 1}
+    table.attn_ms[:, 1] = 0.5  # heads cost something
+    table.save(tmp_path / "lut.json")
+    args = ["prune", "nvit", str(tmp_path / "m"), "--data", str(data), "--target-latency", "0.7", "--device", "cpu"]
+    args += ["--lut", str(tmp_path / "lut.json"), "--prune-steps", "2", "--batches-per-step", "1", "--batch-size", "2"]
+    args += ["--no-progress", "--threads", "1"]
+    assert main([*args, "--lut-batch", "4", "--out", str(tmp_path / "bad")]) == 2
+    assert "batch size 4 (table: 2)" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+    assert main([*args, "--lut-batch", "2", "--out", str(tmp_path / "ok")]) == 0, capsys.readouterr().err
+    report = json.loads((tmp_path / "ok" / "report.json").read_text())
+    assert report["pruned"]["fraction"]["latency_pred"] <= 0.7 + 1e-9
+    assert report["eta"] is not None and report["lut"]["batch_size"] == 2
+    assert "of LUT latency" in capsys.readouterr().out

@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "vitprune.cli.prune_cmds",
     "vitprune.cli.train_cmds",
     "vitprune.cli.lut_cmds",
+    "vitprune.cli.demo_cmds",
 ]
 
 
@@ -33,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # the exact command, for provenance records
     try:
         return int(args.func(args) or 0)
     except VitPruneError as exc:

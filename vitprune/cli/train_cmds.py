@@ -203,7 +203,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     summary = trainer.fit()
     meta = {
         "what": "ViT trained from scratch on Fashion-MNIST by `vitprune train`",
-        "command": command_line(),
+        "command": command_line(getattr(args, "argv", None)),
         "dataset": "Fashion-MNIST (Debian dataset-fashion-mnist, MIT licence): 60,000 train / 10,000 test",
         "test": summary.get("eval"),
         "params": num_params(model),
@@ -308,7 +308,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     summary = trainer.fit()
     meta = {
         "what": "fine-tuned by `vitprune finetune`",
-        "command": command_line(),
+        "command": command_line(getattr(args, "argv", None)),
         "student": str(args.model),
         "teacher": str(args.teacher) if args.teacher else None,
         "data": str(args.data),

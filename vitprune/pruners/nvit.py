@@ -27,6 +27,7 @@ import copy
 import json
 import math
 import os
+import shutil
 import statistics
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -71,7 +72,7 @@ class NViTConfig:
     prune_steps: int = 10  # removal rounds (each reaches 1 - (1 - target) * step / prune_steps)
     batches_per_step: int = 8  # saliency batches accumulated before each round
     saliency_mode: str = "labels"  # "labels" (CE on labels) or "distill" (labels sampled from the dense model)
-    criterion: str = "saliency"  # "saliency" (NViT: I(S) [- eta dLat]) or "per_cost" (I(S) / cost saved)
+    criterion: str = "saliency"  # "saliency" (NViT: I(S) [- eta dLat]) or "per_cost" (that / cost saved)
     latency_weight: float = 1.0  # eta as a multiple of median(I) / median(dLat) of the first round; 0: off
     eta: float | None = None  # an explicit eta (saliency per ms) instead of latency_weight
     min_emb: int | None = None  # embedding channels never pruned below this (default: one EMB chunk)
@@ -336,11 +337,9 @@ def select_removals(
             else:
                 eta = 0.0
         for c in cands:
+            c.value = c.score - (eta or 0.0) * c.latency_saving
             if settings.criterion == "per_cost":
-                base = c.score / c.saving
-                c.value = base - (eta or 0.0) * c.latency_saving / c.saving if latency is not None else base
-            else:
-                c.value = c.score - (eta or 0.0) * c.latency_saving
+                c.value /= c.saving
         best = min(cands, key=lambda c: (c.value, c.kind, -1 if c.block is None else c.block))
         # apply
         if best.kind == "block":
@@ -512,6 +511,11 @@ class NViTPruner:
         main = D.is_main_process()
         if out is not None and main:
             out.mkdir(parents=True, exist_ok=True)
+            if not self.resume:  # an overwritten run: no stale results of the previous one may survive
+                for name in (STATE_NAME, "masks.json", "report.json", "dims.png"):
+                    (out / name).unlink(missing_ok=True)
+                for name in ("model", "finetune"):
+                    shutil.rmtree(out / name, ignore_errors=True)
         dense = copy.deepcopy(model.config)
         cost = self.cost_model(dense)
         latency = CostModel(dense, "latency", self.lut, cfg.img_size) if self.lut is not None else None

@@ -1,8 +1,9 @@
 """Training augmentation on tensors, without torchvision.
 
-Choice: a small module of our own rather than a library. torchvision cannot be installed here, and kornia
-(which would install from PyPI) adds two dependencies (kornia, kornia-rs) for the handful of ops a ViT recipe
-needs; every op below is a few lines of torch, tested against closed-form references in
+Choice: a small module of our own rather than a library. torchvision cannot be installed here; kornia 0.9
+would install from PyPI without replacing torch (checked with ``pip install --dry-run kornia``), but it adds two
+dependencies (kornia, kornia-rs) for the handful of ops a ViT recipe needs and its ops are batch-oriented. Every
+op below is a few lines of torch, tested against PIL's reference implementations and closed forms in
 ``tests/test_augment.py``. All randomness comes from torch's global generator, so the training engine's
 checkpoints (which save and restore it) make augmented runs resume bit-identically.
 

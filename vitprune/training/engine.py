@@ -315,6 +315,12 @@ class Trainer:
 
     def _epoch_batches(self) -> Iterable:
         """Batches of the current epoch from position ``batch_in_epoch`` on."""
+        if isinstance(self._loader, DataLoader):
+            # Iterator creation draws the worker base seed from the loader's generator (or, without one, from
+            # the global RNG, which would shift every random stream on resume): make it a function of the epoch.
+            if self._loader.generator is None:
+                self._loader.generator = torch.Generator()
+            self._loader.generator.manual_seed(self.config.seed + 7919 * D.rank() + 104729 * self.epoch)
         if self._sampler is not None:
             self._sampler.set_epoch(self.epoch)
             self._sampler.set_start(self.batch_in_epoch * self._loader.batch_size)
@@ -339,7 +345,7 @@ class Trainer:
             has_run = finished or ckpt_path.is_file() or (self.out_dir / METRICS_NAME).is_file()
             if self.config.resume and ckpt_path.is_file():
                 decision = ("resume", "")
-            elif has_run and not self.config.overwrite:
+            elif has_run and not (self.config.overwrite or (self.config.resume and not finished)):
                 what = "a finished run" if finished else "an unfinished run"
                 decision = ("error", f"{self.out_dir} holds {what} (use resume or overwrite)")
             elif has_run:
@@ -579,7 +585,9 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.ddp_model = DDP(self.model, device_ids=ids)
+            # fully pruned (zero-width) layers have parameters that never receive gradients
+            unused = any(p.numel() == 0 for p in self.model.parameters() if p.requires_grad)
+            self.ddp_model = DDP(self.model, device_ids=ids, find_unused_parameters=unused)
         if self.out_dir is not None and self.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         self._open_tensorboard()

@@ -1,0 +1,225 @@
+"""The ONE fixed recovery budget every pruning benchmark uses: distillation from the dense model.
+
+:func:`recover` fine-tunes a pruned student with the training engine (:class:`~vitprune.training.engine.Trainer`,
+AdamW, soft distillation ``alpha = 1``: ``T^2 KL(p_teacher || p_student)``, no labels used) on augmented
+training images (random resized crop + horizontal flip, :func:`build_train_loader`), and stops at whichever
+budget comes first: ``budget_images`` training images or ``budget_minutes`` of wall-clock training time. Both
+consumed amounts are recorded.
+
+Learning rate: linear warm-up then cosine decay to ``min_lr`` over the *budget progress*
+``p = max(images_seen / budget_images, elapsed / budget_minutes)``, set before every optimizer step; so the
+schedule is fully annealed whichever budget binds (a step-count cosine would be cut off at a high learning rate
+when the minutes run out first).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from _common import shared_data, shared_model
+from torch import nn
+from torch.utils.data import DataLoader
+
+from vitprune.data import ImageFolderDataset, make_loader
+from vitprune.data.transforms import HALF
+from vitprune.errors import VitPruneError
+from vitprune.training import TrainConfig, Trainer, WeightMasks
+from vitprune.training.augment import build_train_transform
+
+# The defaults every benchmark shares (a benchmark records them with its results).
+DEFAULTS: dict[str, Any] = {
+    "batch_size": 64,
+    "lr": 2e-4,
+    "min_lr": 1e-6,
+    "weight_decay": 0.05,
+    "warmup_frac": 0.05,
+    "grad_clip": 1.0,
+    "temperature": 1.0,
+    "crop_scale": (0.25, 1.0),
+    "hflip": 0.5,
+}
+
+
+def build_train_loader(
+    root: str | os.PathLike | None = None,
+    classes_file: str | os.PathLike | None = None,
+    batch_size: int = DEFAULTS["batch_size"],
+    workers: int = 0,
+    img_size: int = 224,
+    crop_scale: tuple[float, float] = DEFAULTS["crop_scale"],
+    hflip: float = DEFAULTS["hflip"],
+    mean: Sequence[float] = HALF,
+    std: Sequence[float] = HALF,
+    limit_per_class: int | None = None,
+    seed: int = 0,
+) -> DataLoader:
+    """Shuffled, augmented loader of the shared train split (labels through the model's ``classes.txt``).
+
+    Per image: random resized crop (area ``crop_scale``, aspect 3/4..4/3, bilinear) to ``img_size``, horizontal
+    flip with probability ``hflip``, then ``(x - mean) / std`` (the shared model's mean = std = 0.5). Batches
+    are full (``drop_last``), so ``images_seen = steps * batch_size`` exactly.
+    """
+    root = Path(root) if root is not None else shared_data() / "train"
+    classes_file = Path(classes_file) if classes_file is not None else shared_model() / "classes.txt"
+    transform = build_train_transform(
+        img_size, mean=mean, std=std, scale=tuple(crop_scale), hflip=hflip, randaugment=None
+    )
+    ds = ImageFolderDataset(root, transform, classes_file, limit_per_class)
+    ds.augment = {  # recorded by recover()
+        "random_resized_crop": {"size": img_size, "scale": list(crop_scale), "ratio": [3 / 4, 4 / 3]},
+        "hflip": hflip,
+        "mean": list(mean),
+        "std": list(std),
+        "data": str(root),
+        "images": len(ds),
+    }
+    if len(ds) < batch_size:
+        raise VitPruneError(f"training set {root} has {len(ds)} images, fewer than one batch of {batch_size}")
+    return make_loader(ds, batch_size, workers=workers, shuffle=True, drop_last=True, seed=seed)
+
+
+def budget_lr(progress: float, lr: float, min_lr: float, warmup_frac: float) -> float:
+    """Linear warm-up to ``lr`` over ``warmup_frac`` of the budget, then cosine to ``min_lr`` at progress 1."""
+    p = min(max(progress, 0.0), 1.0)
+    if warmup_frac > 0 and p < warmup_frac:
+        return lr * p / warmup_frac
+    t = (p - warmup_frac) / (1.0 - warmup_frac) if warmup_frac < 1 else 1.0
+    return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+class BudgetSchedule:
+    """Engine hooks: set the learning rate from the budget progress and stop when the minutes run out."""
+
+    def __init__(self, total_steps: int, budget_s: float | None, lr: float, min_lr: float, warmup_frac: float) -> None:
+        self.total_steps, self.budget_s = total_steps, budget_s
+        self.lr, self.min_lr, self.warmup_frac = lr, min_lr, warmup_frac
+        self.t0 = time.perf_counter()
+        self.stopped_by = "images"
+
+    def start(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def elapsed_s(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def progress(self, steps_done: int) -> float:
+        p = steps_done / self.total_steps
+        if self.budget_s:
+            p = max(p, self.elapsed_s() / self.budget_s)
+        return p
+
+    def _set_lr(self, trainer: Trainer, progress: float) -> None:
+        value = budget_lr(progress, self.lr, self.min_lr, self.warmup_frac)
+        for group in trainer.optimizer.param_groups:
+            group["lr"] = value
+
+    def pre_step(self, trainer: Trainer, step: int) -> None:
+        """Before optimizer step ``step + 1``: its learning rate at the progress it completes."""
+        self._set_lr(trainer, max(self.progress(step), (step + 1) / self.total_steps))
+
+    def post_step(self, trainer: Trainer, step: int) -> None:
+        if self.budget_s and self.elapsed_s() >= self.budget_s and step < self.total_steps:
+            trainer.should_stop = True
+            self.stopped_by = "minutes"
+        self._set_lr(trainer, self.progress(step))  # what the engine logs for this step
+
+
+def recover(
+    student: nn.Module,
+    teacher: nn.Module,
+    train_loader: DataLoader,
+    budget_images: int,
+    budget_minutes: float | None = None,
+    lr: float = DEFAULTS["lr"],
+    min_lr: float = DEFAULTS["min_lr"],
+    weight_decay: float = DEFAULTS["weight_decay"],
+    warmup_frac: float = DEFAULTS["warmup_frac"],
+    grad_clip: float = DEFAULTS["grad_clip"],
+    temperature: float = DEFAULTS["temperature"],
+    masks: WeightMasks | None = None,
+    out_dir: str | os.PathLike | None = None,
+    seed: int = 0,
+    device: str = "cpu",
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Distil ``teacher`` into ``student`` (in place) within the fixed budget; returns what was consumed.
+
+    ``masks`` (unstructured pruning) are held exactly at zero by the engine. ``out_dir`` keeps the engine's
+    metrics, checkpoint and final model. Returns ``{"images_seen", "minutes", "steps", "stopped_by"
+    ("images" | "minutes"), "budget_images", "budget_minutes", "batch_size", "images_per_s", "final_loss",
+    "hyper": {...}}``.
+    """
+    if budget_images <= 0:
+        raise VitPruneError(f"budget_images must be positive, got {budget_images}")
+    if budget_minutes is not None and budget_minutes <= 0:
+        raise VitPruneError(f"budget_minutes must be positive when given, got {budget_minutes}")
+    if not 0.0 <= warmup_frac < 1.0:
+        raise VitPruneError(f"warmup_frac must be in [0, 1), got {warmup_frac}")
+    batch_size = train_loader.batch_size
+    if not batch_size:
+        raise VitPruneError("the training loader needs a fixed batch_size")
+    steps = max(1, budget_images // batch_size)
+    config = TrainConfig(
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        min_lr=min(min_lr, lr),
+        weight_decay=weight_decay,
+        warmup_steps=0,
+        grad_clip=grad_clip,
+        distill_alpha=1.0,
+        distill_temperature=temperature,
+        seed=seed,
+        log_every=max(1, steps // 50),
+        progress=progress,
+        overwrite=True,
+        tensorboard=False,
+    )
+    schedule = BudgetSchedule(steps, budget_minutes * 60.0 if budget_minutes else None, lr, min_lr, warmup_frac)
+    trainer = Trainer(
+        student,
+        config,
+        train_loader,
+        teacher=teacher,
+        masks=masks,
+        out_dir=out_dir,
+        device=device,
+        hooks=[schedule.post_step],
+        pre_step_hooks=[schedule.pre_step],
+    )
+    schedule.start()
+    summary = trainer.fit()
+    wall_s = schedule.elapsed_s()
+    student.eval()
+    images = int(summary["steps"]) * batch_size
+    return {
+        "images_seen": images,
+        "minutes": wall_s / 60.0,
+        "train_time_s": summary["train_time_s"],
+        "steps": int(summary["steps"]),
+        "stopped_by": schedule.stopped_by if summary["steps"] < steps else "images",
+        "budget_images": int(budget_images),
+        "budget_minutes": budget_minutes,
+        "batch_size": batch_size,
+        "images_per_s": images / wall_s if wall_s > 0 else None,
+        "final_loss": summary["final_loss"],
+        "augment": getattr(train_loader.dataset, "augment", None),
+        "hyper": {
+            "optimizer": "AdamW",
+            "lr": lr,
+            "min_lr": min_lr,
+            "weight_decay": weight_decay,
+            "warmup_frac": warmup_frac,
+            "schedule": "linear warm-up + cosine over max(images, minutes) budget progress",
+            "grad_clip": grad_clip,
+            "loss": f"distillation alpha=1, T={temperature} (no labels)",
+            "seed": seed,
+            "torch_threads": torch.get_num_threads(),
+        },
+    }

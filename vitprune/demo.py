@@ -1,0 +1,762 @@
+"""``vitprune demo``: every method on the shipped Fashion-MNIST ViT, measured side by side, in minutes on a CPU.
+
+The demo needs no download: it takes the embedded default model (:mod:`vitprune.training.default_model`) and
+the Fashion-MNIST IDX files, then
+
+1. **NViT** (structural, METHODS.md section 2): Hessian saliency ``I(S) = 1/2 E[(sum_S g w)^2]``, one global
+   ranking of heads / QK / V / MLP / embedding / block chunks, iterative removal to ``nvit_target_macs``;
+2. **VTP** (structural, section 3): gates + L1 sparsity training, one global threshold at the MACs NViT reached;
+3. **L2 magnitude** (structural baseline): the same QK / V / MLP groups ranked by the L2 norm of their weights
+   (:func:`l2_group_scores`), the same fraction kept in every block, the same surgery, the same MACs;
+4. **oViT / OBS** (unstructured, section 4): block-diagonal Fisher inverse, correlated greedy removal, one global
+   threshold, to ``sparsity``;
+5. **global magnitude** (unstructured baseline, section 4) at the same sparsity;
+
+then gives every pruned model the SAME short recovery (distillation from the dense model through
+:class:`~vitprune.training.engine.Trainer`: same steps, learning rate, batches and data order; unstructured masks
+held at zero), times all models round-robin in ONE :func:`~vitprune.metrics.latency.compare_many` run, and scores
+top-1 on the Fashion-MNIST test set. Output: one table (stdout) and a report directory (``report.md``,
+``report.json``, PNG plots, the pruned models), written atomically.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from vitprune.errors import VitPruneError
+from vitprune.metrics.flops import count_macs, count_params, format_count
+from vitprune.models.config import ViTConfig
+from vitprune.models.vit import ViT
+from vitprune.pruners.calibration import DEFAULT_PATTERNS, find_linears
+from vitprune.structures.groups import Group, group_slices, unit_count, unit_key
+from vitprune.structures.masks import StructuralMasks, architecture_after, uniform_masks
+from vitprune.structures.surgery import prune_model, round_masks
+from vitprune.utils.fs import atomic_path, check_writable_target
+
+DEFAULT_OUT = "vitprune-demo"
+STRUCTURAL, UNSTRUCTURED = "structural", "unstructured"
+
+
+@dataclass
+class DemoConfig:
+    """Budgets of one demo run. :meth:`quick` is the test-sized variant."""
+
+    nvit_target_macs: float = 0.5  # NViT keeps this fraction of the dense MACs; VTP and L2 match what it reached
+    sparsity: float = 0.7  # unstructured sparsity of the qkv / proj / fc1 / fc2 weights (OBS and GM)
+    batch_size: int = 128  # every training and calibration batch
+    recovery_steps: int = 150  # SAME distillation recovery for every pruned model
+    recovery_lr: float = 5e-4
+    method_steps: int = 120  # training inside the method: VTP sparsity steps = NViT steps between rounds (total)
+    method_lr: float = 2e-4
+    nvit_prune_steps: int = 5
+    nvit_batches_per_step: int = 8
+    vtp_lambda: float = 1e-4
+    vtp_gate_lr: float = 1e-2
+    round_to: int = 8  # structural widths rounded up to a multiple (hardware-friendly), all three methods
+    obs_num_grads: int = 256  # per-sample gradients in the OBS Fisher
+    obs_block_size: int = 64
+    obs_damp: float = 1e-7
+    eval_batch_size: int = 1000
+    latency_batch: int = 256
+    latency_runs: int = 20
+    latency_warmup: int = 3
+    train_limit: int | None = None  # first N training images (None: all 60,000)
+    test_limit: int | None = None  # first N test images (None: all 10,000)
+    seed: int = 0
+
+    @classmethod
+    def quick(cls) -> DemoConfig:
+        """Tiny budgets for tests: every stage runs, nothing is trained for long."""
+        return cls(
+            batch_size=32,
+            recovery_steps=3,
+            method_steps=4,
+            nvit_prune_steps=2,
+            nvit_batches_per_step=1,
+            obs_num_grads=16,
+            obs_block_size=16,
+            eval_batch_size=250,
+            latency_batch=16,
+            latency_runs=3,
+            latency_warmup=1,
+            train_limit=1024,
+            test_limit=250,
+        )
+
+    def validate(self) -> DemoConfig:
+        if not 0 < self.nvit_target_macs < 1:
+            raise VitPruneError(f"nvit_target_macs must be in (0, 1), got {self.nvit_target_macs}")
+        if not 0 < self.sparsity < 1:
+            raise VitPruneError(f"sparsity must be in (0, 1), got {self.sparsity}")
+        for name in ("batch_size", "recovery_steps", "method_steps", "nvit_prune_steps", "nvit_batches_per_step"):
+            if getattr(self, name) < 1:
+                raise VitPruneError(f"{name} must be >= 1, got {getattr(self, name)}")
+        return self
+
+
+# ------------------------------------------------------------------------------------ structural L2 baseline
+@torch.no_grad()
+def l2_group_scores(model: ViT, kinds: Sequence[str] = ("qk", "v", "mlp")) -> dict[str, Tensor]:
+    """L2 norm of each unit's weights: ``||w_S||_2`` over every element its removal deletes.
+
+    The elements are those of :func:`vitprune.structures.groups.group_slices` (METHODS.md section 1 table: a QK
+    dim is row j of q and of k in every head, with biases; an MLP neuron is fc1 row j, its bias and fc2 column
+    j; ...), i.e. the magnitude criterion of filter pruning (Li et al. 2017) applied to the NViT/VTP groups.
+    Keyed by :func:`~vitprune.structures.groups.unit_key`, like the NViT saliency.
+    """
+    config = model.config
+    params = dict(model.named_parameters())
+    out: dict[str, Tensor] = {}
+    blocks: list[int | None] = list(range(config.depth))
+    for kind in kinds:
+        for b in [None] if kind == "emb" else blocks:
+            n = unit_count(config, kind, b)
+            sq = torch.zeros(n, dtype=torch.float64)
+            for i in range(n):
+                for s in group_slices(config, Group(kind, b, i)):
+                    w = params[s.name].detach()
+                    sq[i] += w.index_select(s.dim, s.index.to(w.device)).double().pow(2).sum().cpu()
+            out[unit_key(kind, b)] = sq.sqrt().float()
+    return out
+
+
+def _macs_fraction(config: ViTConfig, masks: StructuralMasks, round_to: int | None, scores, dense: int) -> float:
+    if round_to:
+        masks, _ = round_masks(config, masks, round_to, scores)
+    return count_macs(architecture_after(config, masks))["total"] / dense
+
+
+def uniform_l2_masks(
+    model: ViT,
+    target_macs: float,
+    kinds: Sequence[str] = ("qk", "v", "mlp"),
+    round_to: int | None = 8,
+    iterations: int = 40,
+) -> tuple[StructuralMasks, dict[str, Tensor], float]:
+    """Structural magnitude baseline: keep the same fraction ``r`` of each kind in every block (highest L2 norm
+    first) with the LARGEST ``r`` whose architecture (after rounding up to ``round_to``) stays within
+    ``target_macs`` of the dense MACs. Returns (masks, scores, kept fraction ``r``)."""
+    config = model.config
+    scores = l2_group_scores(model, kinds)
+    dense = count_macs(config)["total"]
+
+    def masks_for(r: float) -> StructuralMasks:
+        return uniform_masks(config, **{k: r for k in kinds}, scores=scores)
+
+    if _macs_fraction(config, masks_for(0.0), round_to, scores, dense) > target_macs:
+        raise VitPruneError(f"MACs target {target_macs:g} is unreachable by pruning {'/'.join(kinds)} uniformly")
+    lo, hi = 0.0, 1.0  # invariant: lo meets the target
+    for _ in range(iterations):
+        mid = (lo + hi) / 2
+        if _macs_fraction(config, masks_for(mid), round_to, scores, dense) <= target_macs:
+            lo = mid
+        else:
+            hi = mid
+    return masks_for(lo), scores, lo
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def _prunable_weight_names(model: nn.Module) -> list[str]:
+    return [f"{n}.weight" for n in find_linears(model, DEFAULT_PATTERNS)]
+
+
+def prunable_weights(model: nn.Module) -> int:
+    """Number of qkv / proj / fc1 / fc2 weight elements (the sparsity denominator)."""
+    params = dict(model.named_parameters())
+    return sum(params[n].numel() for n in _prunable_weight_names(model))
+
+
+def nonzero_params(model: nn.Module) -> int:
+    """Architecture parameters minus the exactly-zero entries of the prunable weights."""
+    params = dict(model.named_parameters())
+    zeros = sum(int((params[n] == 0).sum()) for n in _prunable_weight_names(model))
+    return count_params(model.config) - zeros
+
+
+def sparsity_vs_dense(model: nn.Module, dense_prunable: int) -> float:
+    """Share of the dense model's prunable weights that are gone: removed by surgery or exactly zero."""
+    params = dict(model.named_parameters())
+    kept = sum(int((params[n] != 0).sum()) for n in _prunable_weight_names(model))
+    return 1.0 - kept / dense_prunable
+
+
+class _Clock:
+    """Wall and process CPU seconds of named stages."""
+
+    def __init__(self) -> None:
+        self.stages: dict[str, dict[str, float]] = {}
+        self.t0, self.c0 = time.perf_counter(), time.process_time()
+
+    def stage(self, name: str, fn: Callable[[], Any]) -> Any:
+        t, c = time.perf_counter(), time.process_time()
+        out = fn()
+        self.stages[name] = {
+            "wall_s": round(time.perf_counter() - t, 2),
+            "cpu_s": round(time.process_time() - c, 2),
+        }
+        return out
+
+    def total(self) -> dict[str, float]:
+        return {
+            "wall_s": round(time.perf_counter() - self.t0, 2),
+            "cpu_s": round(time.process_time() - self.c0, 2),
+        }
+
+
+def _loader(dataset, batch_size: int, seed: int, shuffle: bool) -> DataLoader:
+    g = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=shuffle, generator=g)
+
+
+def _check_model(model: nn.Module) -> ViT:
+    if not isinstance(model, ViT):
+        raise VitPruneError(f"the demo needs a vitprune ViT, got {type(model).__name__}")
+    c = model.config
+    if (c.in_chans, c.img_size, c.num_classes) != (1, 28, 10):
+        raise VitPruneError(
+            f"the demo model must take 28x28 grey images and predict the 10 Fashion-MNIST classes "
+            f"(got in_chans={c.in_chans}, img_size={c.img_size}, num_classes={c.num_classes})"
+        )
+    return model
+
+
+# ------------------------------------------------------------------------------------------------ the run
+class Demo:
+    """One demo run (see the module docstring); :meth:`run` returns the report dict."""
+
+    def __init__(
+        self,
+        config: DemoConfig,
+        model: ViT | None = None,
+        data_root: str | os.PathLike | None = None,
+        log: Callable[[str], None] = print,
+    ) -> None:
+        self.cfg = config.validate()
+        self.log = log
+        if model is None:
+            from vitprune.training.default_model import default_model_meta, load_default_model
+
+            model = load_default_model()
+            try:
+                self.model_meta: dict[str, Any] = default_model_meta()
+            except VitPruneError:
+                self.model_meta = {}
+            self.model_source = "embedded default (vitprune/assets/fashion_mnist_vit)"
+        else:
+            self.model_meta, self.model_source = {}, "given"
+        self.dense = _check_model(model).eval()
+        self.data_root = data_root
+        self.clock = _Clock()
+        self.rows: dict[str, dict[str, Any]] = {}
+        self.models: dict[str, nn.Module] = {}
+        self.extra: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------------------------ data
+    def _data(self) -> None:
+        from vitprune.data.fashion_mnist import FashionMNIST
+
+        cfg = self.cfg
+        self.train_set = FashionMNIST(self.data_root, "train", limit=cfg.train_limit)
+        test = FashionMNIST(self.data_root, "test", limit=cfg.test_limit)
+        self.test_loader = _loader(TensorDataset(*test.tensors()), cfg.eval_batch_size, cfg.seed, shuffle=False)
+        self.train_loader = _loader(self.train_set, cfg.batch_size, cfg.seed, shuffle=True)
+        self.teacher = copy.deepcopy(self.dense).eval().requires_grad_(False)
+
+    def _top1(self, model: nn.Module) -> float:
+        from vitprune.metrics.evaluate import evaluate
+
+        return round(evaluate(model, self.test_loader, progress=False)["top1"], 2)
+
+    def _recover(self, model: nn.Module, masks: dict[str, Tensor] | None = None) -> dict[str, Any]:
+        """The same short distillation recovery for every method (masks held at zero for unstructured)."""
+        from vitprune.training.engine import TrainConfig, Trainer
+        from vitprune.training.masks import WeightMasks
+
+        cfg = self.cfg
+        tc = TrainConfig(
+            steps=cfg.recovery_steps,
+            batch_size=cfg.batch_size,
+            lr=cfg.recovery_lr,
+            min_lr=min(1e-6, cfg.recovery_lr),
+            weight_decay=0.05,
+            grad_clip=1.0,
+            distill_alpha=1.0,
+            distill_temperature=1.0,
+            seed=cfg.seed,
+            log_every=0,
+            progress=False,
+            tensorboard=False,
+        )
+        trainer = Trainer(
+            model, tc, self.train_loader, teacher=self.teacher, masks=WeightMasks(masks) if masks else None
+        )
+        summary = trainer.fit()
+        model.eval()
+        return {k: summary[k] for k in ("steps", "final_loss", "train_time_s", "cpu_time_s") if k in summary}
+
+    def _row(self, name: str, model: nn.Module, kind: str, one_shot: float | None, **info: Any) -> None:
+        dense_prunable = prunable_weights(self.dense)
+        self.rows[name] = {
+            "method": name,
+            "type": kind,
+            "params": count_params(model.config),
+            "params_nonzero": nonzero_params(model),
+            "macs": count_macs(model.config)["total"],
+            "sparsity": round(sparsity_vs_dense(model, dense_prunable), 4),
+            "top1_one_shot": one_shot,
+            "top1": self._top1(model),
+            **info,
+        }
+        self.models[name] = model
+        self.log(
+            f"  {name}: top-1 {self.rows[name]['top1']:.2f} % (one-shot {one_shot if one_shot is not None else '-'}),"
+            f" {format_count(self.rows[name]['macs'])} MACs, sparsity {self.rows[name]['sparsity']:.3f}"
+        )
+
+    # ------------------------------------------------------------------------------------ methods
+    def _dense(self) -> None:
+        self._row("dense", self.dense, "-", None, train_steps=0)
+
+    def _nvit(self) -> None:
+        from vitprune.pruners.nvit import NViTPruner
+
+        cfg = self.cfg
+        between = cfg.method_steps // max(cfg.nvit_prune_steps - 1, 1) if cfg.nvit_prune_steps > 1 else 0
+        pruner = NViTPruner(
+            target_macs=cfg.nvit_target_macs,
+            prune_steps=cfg.nvit_prune_steps,
+            batches_per_step=cfg.nvit_batches_per_step,
+            train_steps_between=between,
+            finetune_steps=0,
+            lr=cfg.method_lr,
+            round_to=cfg.round_to,
+            seed=cfg.seed,
+            log_every=0,
+            progress=False,
+        )
+        small, report = pruner.prune(self.dense, self.train_loader, teacher=self.teacher)
+        small.eval()
+        one_shot = self._top1(small)
+        rec = self._recover(small)
+        self.extra["NViT"] = {
+            "settings": report["settings"],
+            "history": report.get("history"),
+            "kept_blocks": report["pruned"]["kept_blocks"],
+            "recovery": rec,
+        }
+        method_steps = between * max(cfg.nvit_prune_steps - 1, 0)
+        self._row("NViT", small, STRUCTURAL, one_shot, train_steps=method_steps + rec["steps"])
+
+    def _vtp(self, target: float) -> None:
+        from vitprune.pruners.vtp import VTPPruner
+
+        cfg = self.cfg
+        pruner = VTPPruner(
+            target_macs=target,
+            lam=cfg.vtp_lambda,
+            gate_lr=cfg.vtp_gate_lr,
+            sparsity_steps=cfg.method_steps,
+            finetune_steps=0,
+            lr=cfg.method_lr,
+            round_to=cfg.round_to,
+            seed=cfg.seed,
+            log_every=max(cfg.method_steps, 1),
+            progress=False,
+        )
+        small, report = pruner.prune(self.dense, self.train_loader, teacher=self.teacher)
+        small.eval()
+        one_shot = self._top1(small)
+        rec = self._recover(small)
+        self.extra["VTP"] = {
+            "settings": report["settings"],
+            "selection": report.get("selection"),
+            "fold_check": report.get("fold_check"),
+            "recovery": rec,
+        }
+        self._row("VTP", small, STRUCTURAL, one_shot, train_steps=cfg.method_steps + rec["steps"])
+
+    def _l2(self, target: float) -> None:
+        cfg = self.cfg
+        masks, scores, r = uniform_l2_masks(self.dense, target, round_to=cfg.round_to)
+        small = prune_model(copy.deepcopy(self.dense), masks, round_to=cfg.round_to, scores=scores).eval()
+        one_shot = self._top1(small)
+        rec = self._recover(small)
+        self.extra["L2 magnitude"] = {"kept_fraction": r, "kinds": ["qk", "v", "mlp"], "recovery": rec}
+        self._row("L2 magnitude", small, STRUCTURAL, one_shot, train_steps=rec["steps"])
+
+    def _calibration_loader(self) -> DataLoader:
+        cfg = self.cfg
+        g = torch.Generator().manual_seed(cfg.seed)
+        idx = torch.randperm(len(self.train_set), generator=g)[: cfg.obs_num_grads].tolist()
+        subset = torch.utils.data.Subset(self.train_set, idx)
+        return DataLoader(subset, batch_size=min(cfg.batch_size, 64), shuffle=False)
+
+    def _unstructured(self, method: str, name: str) -> None:
+        from vitprune.pruners.obs import OBSConfig, prune_unstructured
+
+        cfg = self.cfg
+        if method == "obs":
+            obs_cfg = OBSConfig(
+                block_size=cfg.obs_block_size, num_grads=cfg.obs_num_grads, damp=cfg.obs_damp, max_memory_gb=2.0
+            )
+            results = prune_unstructured(self.dense, "obs", [cfg.sparsity], self._calibration_loader(), obs_cfg)
+        else:
+            results = prune_unstructured(self.dense, method, [cfg.sparsity], None)
+        res = next(iter(results.values()))
+        model = res.model.eval()
+        one_shot = self._top1(model)
+        rec = self._recover(model, res.masks)
+        info = {k: v for k, v in res.report.items() if k in ("sparsity", "block_size", "num_grads", "damp")}
+        self.extra[name] = {"pruner": info, "recovery": rec}
+        self._row(name, model, UNSTRUCTURED, one_shot, train_steps=rec["steps"])
+
+    def _latency(self) -> dict[str, Any]:
+        from vitprune.metrics.latency import compare_many
+
+        cfg = self.cfg
+        res = compare_many(
+            dict(self.models),
+            batch_size=cfg.latency_batch,
+            warmup=cfg.latency_warmup,
+            runs=cfg.latency_runs,
+            baseline="dense",
+        )
+        for name, stats in res["models"].items():
+            self.rows[name]["latency_ms"] = round(stats["median_ms"], 3)
+            self.rows[name]["speedup"] = round(stats["speedup"], 3)
+            self.rows[name]["speedup_p10"] = round(stats["speedup_p10"], 3)
+            self.rows[name]["speedup_p90"] = round(stats["speedup_p90"], 3)
+        return {k: v for k, v in res.items() if k != "models"} | {
+            "per_model": {n: {k: v for k, v in s.items() if k != "times_ms"} for n, s in res["models"].items()}
+        }
+
+    def run(self) -> dict[str, Any]:
+        cfg, clock, log = self.cfg, self.clock, self.log
+        from vitprune.training.runinfo import loadavg, machine_info, utc_now
+
+        load_start = loadavg()
+        log(
+            f"vitprune demo: dense model {self.dense.config.name} ({format_count(count_params(self.dense.config))} "
+            f"params, {format_count(count_macs(self.dense.config)['total'])} MACs per image)"
+        )
+        torch.manual_seed(cfg.seed)
+        clock.stage("data", self._data)
+        log("[1/7] dense")
+        clock.stage("dense", self._dense)
+        log(f"[2/7] NViT to {cfg.nvit_target_macs:g} of the dense MACs, then recovery")
+        clock.stage("nvit", self._nvit)
+        target = self.rows["NViT"]["macs"] / self.rows["dense"]["macs"]
+        log(f"[3/7] VTP to NViT's {target:.3f} of the dense MACs, then recovery")
+        clock.stage("vtp", lambda: self._vtp(target))
+        log(f"[4/7] L2-magnitude structural baseline to {target:.3f} of the dense MACs, then recovery")
+        clock.stage("l2", lambda: self._l2(target))
+        log(f"[5/7] oViT/OBS to {cfg.sparsity:g} sparsity, then recovery")
+        clock.stage("obs", lambda: self._unstructured("obs", "oViT/OBS"))
+        log(f"[6/7] global magnitude to {cfg.sparsity:g} sparsity, then recovery")
+        clock.stage("gm", lambda: self._unstructured("gm", "global magnitude"))
+        log(f"[7/7] latency: {len(self.models)} models round-robin, batch {cfg.latency_batch}, {cfg.latency_runs} runs")
+        latency = clock.stage("latency", self._latency)
+        return {
+            "title": "vitprune demo: NViT, VTP, oViT/OBS and magnitude baselines on the Fashion-MNIST ViT",
+            "model": {
+                "source": self.model_source,
+                "name": self.dense.config.name,
+                "config": self.dense.config.to_dict(),
+                "meta": self.model_meta,
+            },
+            "data": {
+                "dataset": "Fashion-MNIST",
+                "root": str(self.data_root or "/usr/share/datasets/fashion-mnist"),
+                "train_images": len(self.train_set),
+                "test_images": len(self.test_loader.dataset),
+            },
+            "config": asdict(self.cfg),
+            "rows": list(self.rows.values()),
+            "methods": self.extra,
+            "latency": latency,
+            "timings": {"stages": clock.stages, "total": clock.total()},
+            "machine": machine_info(),
+            "loadavg_start": load_start,
+            "loadavg_end": loadavg(),
+            "date": utc_now(),
+        }
+
+
+# ------------------------------------------------------------------------------------------------ output
+COLUMNS = (
+    ("method", "method"),
+    ("type", "type"),
+    ("params", "params (non-zero)"),
+    ("macs", "MACs/img"),
+    ("sparsity", "sparsity"),
+    ("latency_ms", "latency ms"),
+    ("speedup", "speed-up"),
+    ("top1_one_shot", "top-1 one-shot %"),
+    ("top1", "top-1 %"),
+    ("train_steps", "train steps"),
+)
+
+
+def _cell(row: dict[str, Any], key: str) -> str:
+    v = row.get(key)
+    if key == "params":
+        return format_count(row["params_nonzero"])
+    if key == "macs":
+        return format_count(v)
+    if key == "sparsity":
+        return f"{100 * v:.1f} %"
+    if key == "speedup":
+        return "-" if v is None else f"{v:.2f}x"
+    if key == "latency_ms":
+        return "-" if v is None else f"{v:.2f}"
+    if key in ("top1", "top1_one_shot"):
+        return "-" if v is None else f"{v:.2f}"
+    return str(v)
+
+
+def format_table(rows: Sequence[dict[str, Any]], markdown: bool = False) -> str:
+    """The demo's one table, as aligned text or Markdown."""
+    head = [label for _, label in COLUMNS]
+    body = [[_cell(r, key) for key, _ in COLUMNS] for r in rows]
+    if markdown:
+        lines = ["| " + " | ".join(head) + " |", "| " + " | ".join("---" for _ in head) + " |"]
+        return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in body])
+    widths = [max(len(h), *(len(r[i]) for r in body)) for i, h in enumerate(head)]
+    fmt = lambda cells: "  ".join(  # noqa: E731
+        c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+    )
+    return "\n".join([fmt(head), fmt(["-" * w for w in widths]), *map(fmt, body)])
+
+
+_STYLE = {"-": ("black", "*"), STRUCTURAL: ("#1f77b4", "o"), UNSTRUCTURED: ("#d62728", "s")}
+
+
+def _place_labels(fig, ax, points: list[tuple[float, float, str]], obstacles: list[tuple[float, float]]) -> None:
+    """Annotate each (x, y, text) next to its point, moving a label up or down until it overlaps no other label
+    and no marker (display coordinates)."""
+    from matplotlib.transforms import Bbox
+
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    taken = []
+    for ox, oy in obstacles:
+        px, py = ax.transData.transform((ox, oy))
+        taken.append(Bbox.from_extents(px - 6, py - 6, px + 6, py + 6))
+    for x, y, text in sorted(points, key=lambda p: -p[1]):
+        for dy in (4, -14, 14, -24, 24, -34, 34, -44, 44):
+            leader = {"arrowstyle": "-", "color": "grey", "lw": 0.6} if abs(dy) > 14 else None
+            label = ax.annotate(
+                text, (x, y), textcoords="offset points", xytext=(7, dy), fontsize=9, va="bottom", arrowprops=leader
+            )
+            box = label.get_window_extent(renderer)
+            if not any(box.overlaps(t) for t in taken):
+                break
+            label.remove()
+        else:
+            label = ax.annotate(text, (x, y), textcoords="offset points", xytext=(7, 4), fontsize=9, va="bottom")
+            box = label.get_window_extent(renderer)
+        taken.append(box)
+
+
+def plot_top1(rows: Sequence[dict[str, Any]], x_key: str, xlabel: str, title: str, path: Path) -> None:
+    """Scatter of top-1 after recovery (filled) and one-shot (hollow, arrow to the recovered point) vs ``x_key``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9.0, 5.0))
+    scale = 1e3 if x_key == "params_nonzero" else 1.0
+    points, obstacles = [], []
+    for r in rows:
+        color, marker = _STYLE[r["type"]]
+        x, y = r[x_key] / scale, r["top1"]
+        if r.get("top1_one_shot") is not None:
+            y0 = r["top1_one_shot"]
+            ax.scatter([x], [y0], s=45, marker=marker, facecolors="none", edgecolors=color, linewidths=1.2, zorder=2)
+            ax.annotate("", xy=(x, y), xytext=(x, y0), arrowprops={"arrowstyle": "->", "color": color, "lw": 0.8})
+            obstacles.append((x, y0))
+        ax.scatter([x], [y], s=110 if r["type"] == "-" else 60, marker=marker, color=color, zorder=3)
+        points.append((x, y, r["method"]))
+        obstacles.append((x, y))
+    legend = (("dense", "-"), ("structural", STRUCTURAL), ("unstructured", UNSTRUCTURED))
+    handles = [
+        plt.Line2D([], [], color=_STYLE[k][0], marker=_STYLE[k][1], linestyle="", label=lab) for lab, k in legend
+    ]
+    hollow = {"marker": "o", "markerfacecolor": "none", "linestyle": ""}
+    handles.append(plt.Line2D([], [], color="grey", label="one-shot\n(before recovery)", **hollow))
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, borderaxespad=0.0)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("top-1 on the Fashion-MNIST test set (%)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    xs = [x for x, _, _ in points]
+    ax.set_xlim(0, max(xs) * 1.3)
+    ys = [y for _, y in obstacles]
+    ax.set_ylim(max(0.0, min(ys) - 5), min(101.0, max(ys) + 4))
+    fig.tight_layout()
+    _place_labels(fig, ax, points, obstacles)
+    with atomic_path(path, overwrite=True) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def write_report(report: dict[str, Any], models: dict[str, nn.Module], dense: ViT, directory: Path) -> None:
+    """report.json, report.md, plots and models into ``directory`` (an empty temporary folder)."""
+    from vitprune.models.io import save
+    from vitprune.reports import plot_block_dims, write_json_report
+
+    rows = report["rows"]
+    lat = report["latency"]
+    plots = {
+        "top1_vs_params": "top1_vs_params.png",
+        "top1_vs_latency": "top1_vs_latency.png",
+    }
+    plot_top1(
+        rows,
+        "params_nonzero",
+        "non-zero parameters (thousands)",
+        "Top-1 vs parameters (unstructured: non-zero only)",
+        directory / plots["top1_vs_params"],
+    )
+    plot_top1(
+        rows,
+        "latency_ms",
+        f"measured latency, ms per batch of {lat['batch_size']} ({lat['device']}, torch threads: {lat['threads']})",
+        "Top-1 vs measured latency (unstructured: dense kernels)",
+        directory / plots["top1_vs_latency"],
+    )
+    for r in rows:
+        if r["type"] != STRUCTURAL:
+            continue
+        slug = _slug(r["method"])
+        kept = report["methods"].get(r["method"], {}).get("kept_blocks")
+        name = f"dims_{slug}.png"
+        plot_block_dims(dense.config, models[r["method"]].config, directory / name, title=r["method"], kept_blocks=kept)
+        plots[f"dims_{slug}"] = name
+    models_dir = directory / "models"
+    models_dir.mkdir()
+    for name, model in models.items():
+        if name != "dense":
+            save(model, models_dir / _slug(name), meta={"demo": {"method": name}})
+    report["plots"] = plots
+    write_json_report(directory / "report.json", report)
+    (directory / "report.md").write_text(report_markdown(report))
+
+
+def _relax_permissions(root: Path) -> None:
+    """The temporary folder of an atomic write is private (0700 / 0600): give the report the umask's modes."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for p in [root, *root.rglob("*")]:
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")
+
+
+def report_markdown(report: dict[str, Any]) -> str:
+    cfg, lat, t = report["config"], report["latency"], report["timings"]
+    m = report["machine"]
+    lines = [
+        f"# {report['title']}",
+        "",
+        f"Dense model: `{report['model']['name']}` ({report['model']['source']}); data: Fashion-MNIST, "
+        f"{report['data']['train_images']} training / {report['data']['test_images']} test images.",
+        "",
+        format_table(report["rows"], markdown=True),
+        "",
+        "- **params (non-zero)**: parameters of the architecture minus the exact zeros of the qkv/proj/fc1/fc2 "
+        "weights; **MACs/img**: multiply-accumulates of one image's forward pass as executed (dense kernels: "
+        "unstructured zeros are still computed); **sparsity**: share of the dense model's qkv/proj/fc1/fc2 "
+        "weights that are removed (structural) or exactly zero (unstructured).",
+        f"- **latency / speed-up**: median of {lat['rounds']} round-robin runs of every model in one "
+        f"`compare_many` call (batch {lat['batch_size']}, {lat['device']}, {lat['threads']} threads, "
+        f"{lat['dtype']}); speed-up = dense median / model median.",
+        f"- **top-1**: on the Fashion-MNIST test set after the SAME recovery for every pruned model "
+        f"({cfg['recovery_steps']} steps of distillation from the dense model, batch {cfg['batch_size']}, "
+        f"lr {cfg['recovery_lr']:g}); *one-shot* is before recovery. **train steps** = steps inside the method "
+        f"(NViT between pruning rounds, VTP sparsity training) + recovery.",
+        f"- NViT targets {cfg['nvit_target_macs']:g} of the dense MACs; VTP and the L2-magnitude baseline target "
+        f"the MACs NViT reached; oViT/OBS and global magnitude prune {cfg['sparsity']:g} of the prunable weights "
+        f"(OBS: {cfg['obs_num_grads']} per-sample gradients, block {cfg['obs_block_size']}, damp "
+        f"{cfg['obs_damp']:g}).",
+        "",
+        "## Plots",
+        "",
+    ]
+    for key, name in report["plots"].items():
+        lines += [f"### {key}", "", f"![{key}]({name})", ""]
+    lines += ["## Timings (seconds)", "", "| stage | wall | CPU |", "| --- | --- | --- |"]
+    for name, s in t["stages"].items():
+        lines.append(f"| {name} | {s['wall_s']:.1f} | {s['cpu_s']:.1f} |")
+    lines.append(f"| **total** | {t['total']['wall_s']:.1f} | {t['total']['cpu_s']:.1f} |")
+    lines += [
+        "",
+        f"- machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), "
+        f"Python {m['python']}; load average at start {report['loadavg_start']}, at end {report['loadavg_end']} "
+        "(other processes competing for the CPU inflate the wall times, not the CPU times).",
+        f"- command: `{report.get('command', 'vitprune demo')}`; date (UTC): {report['date']}.",
+        "- models: `models/<method>/` (vitprune model directories: `vitprune eval` / `vitprune bench` them).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def run_demo(
+    out: str | os.PathLike = DEFAULT_OUT,
+    overwrite: bool = False,
+    quick: bool = False,
+    config: DemoConfig | None = None,
+    model: ViT | None = None,
+    data_root: str | os.PathLike | None = None,
+    log: Callable[[str], None] = print,
+    command: str | None = None,
+) -> dict[str, Any]:
+    """Run the demo and write its report directory ``out`` atomically (refused if it exists, unless
+    ``overwrite``); returns the report dict (``report["rows"]`` is the table)."""
+    target = check_writable_target(out, overwrite=overwrite)  # before any work
+    cfg = config or (DemoConfig.quick() if quick else DemoConfig())
+    demo = Demo(cfg, model=model, data_root=data_root, log=log)
+    report = demo.run()
+    report["quick"] = quick
+    report["command"] = command or "vitprune demo"
+    report["out"] = str(target)
+    with atomic_path(target, overwrite=overwrite, is_dir=True) as tmp:
+        write_report(report, demo.models, demo.dense, tmp)
+        _relax_permissions(tmp)
+    return report
+
+
+def summary_json(report: dict[str, Any]) -> str:
+    """The table rows plus where the report went, as JSON (``vitprune demo --json``)."""
+    keep = ("out", "quick", "rows", "timings", "date")
+    return json.dumps({k: report[k] for k in keep if k in report}, indent=2, default=str)
+
+
+__all__ = [
+    "DEFAULT_OUT",
+    "Demo",
+    "DemoConfig",
+    "format_table",
+    "l2_group_scores",
+    "nonzero_params",
+    "plot_top1",
+    "prunable_weights",
+    "run_demo",
+    "sparsity_vs_dense",
+    "summary_json",
+    "uniform_l2_masks",
+]
