@@ -53,7 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", nargs="+", default=["obs", "gm", "um", "wanda", "sparsegpt"])
     ap.add_argument("--num-grads", type=int, default=1024, help="calibration images = OBS per-sample gradients")
     ap.add_argument("--block-size", type=int, default=128)
-    ap.add_argument("--damp", type=float, default=OBSConfig.damp)
+    ap.add_argument("--damp", type=float, default=OBSConfig.damp, help="relative to the mean Fisher diagonal")
+    ap.add_argument("--damp-absolute", action="store_true")
+    ap.add_argument("--fisher-labels", default="data", choices=["data", "model"])
+    ap.add_argument("--latency", action="store_true", help="also time CSR linears vs dense (batch 8)")
     ap.add_argument("--grad-batch", type=int, default=16)
     ap.add_argument("--allocation", default="global", choices=["global", "layer"])
     ap.add_argument("--val-stride", type=int, default=2, help="evaluate on every k-th val image (2 -> 2,500)")
@@ -100,13 +103,16 @@ def main(argv: list[str] | None = None) -> int:
             "sweep_over_single": (base + sweep_update) / (base + single_update),
             "wall_s": time.perf_counter() - t0 - single_update,
             "peak_rss_gib": peak_rss_bytes() / 2**30,
-            **{k: v for k, v in pruner.info.items()},
+            **{k: v for k, v in pruner.info.items() if k != "lambda_per_layer"},
         }
         print(f"OBS pass: {obs_pass}", flush=True)
         del single
         for t, res in sweep.items():
             models[("obs", t)] = res.model
-            results.setdefault("obs", {})[f"{t:.2f}"] = {"sparsity": res.report["sparsity"]}
+            results.setdefault("obs", {})[f"{t:.2f}"] = {
+                "sparsity": res.report["sparsity"],
+                "layer_sparsity": {k: round(v, 4) for k, v in res.report["layer_sparsity"].items()},
+            }
         del pruner, sweep
     else:
         obs_pass = None
@@ -130,6 +136,35 @@ def main(argv: list[str] | None = None) -> int:
         results[method][f"{t:.2f}"].update(top1=r["top1"], top5=r["top5"], loss=r["loss"])
         print(f"{method} {t:.2f}: top1 {r['top1']:.2f}", flush=True)
 
+    storage, latency = {}, {}
+    if "obs" in results:
+        import tempfile
+
+        from vitprune.export.sparse import save_sparse
+        from vitprune.models.io import save
+
+        with tempfile.TemporaryDirectory() as tmp:
+            save(model, Path(tmp) / "dense")
+            dense_bytes = (Path(tmp) / "dense" / "model.safetensors").stat().st_size
+            storage["dense_file_bytes"] = dense_bytes
+            for t in args.targets:
+                info = save_sparse(models[("obs", t)], Path(tmp) / f"s{t}")
+                storage[f"{t:.2f}"] = {"file_bytes": info["file_bytes"], "vs_dense": info["file_bytes"] / dense_bytes}
+    if args.latency and "obs" in results:
+        from vitprune.export.sparse import convert_to_csr
+        from vitprune.metrics.latency import compare_latency
+
+        for t in args.targets:
+            csr, names = convert_to_csr(models[("obs", t)], min_sparsity=0.0)
+            r = compare_latency(models[("obs", t)], csr, batch_size=8, runs=5, warmup=2)
+            latency[f"{t:.2f}"] = {
+                "dense_ms": r["a"]["median_ms"],
+                "csr_ms": r["b"]["median_ms"],
+                "speedup": r["ratio"],
+                "csr_layers": len(names),
+            }
+            print(f"CSR {t:.2f}: {latency[f'{t:.2f}']}", flush=True)
+
     methods = [m for m in args.methods if m in results]
     rows = []
     for t in args.targets:
@@ -151,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
         "targets": args.targets,
         "results": results,
         "obs_pass": obs_pass,
+        "compressed_storage": storage,
+        "csr_latency_batch8": latency,
         "checks": {
             "obs_above_every_baseline": obs_best,
             "obs_50_within_5_points_of_dense": (
@@ -179,6 +216,18 @@ def main(argv: list[str] | None = None) -> int:
             f"(Fisher inverse {obs_pass['fisher_bytes'] / 2**30:.2f} GiB). Sweep of {len(args.targets)} targets: "
             f"{obs_pass['sweep_total_s']:.0f} s vs {obs_pass['single_target_total_s']:.0f} s for one target "
             f"({obs_pass['sweep_over_single']:.3f}x).\n"
+        )
+    if storage:
+        md += (
+            "\nCompressed storage (bitmask + values) of the OBS models vs the dense file: "
+            + ", ".join(f"{k}: {v['vs_dense']:.2f}x" for k, v in storage.items() if k != "dense_file_bytes")
+            + ".\n"
+        )
+    if latency:
+        md += (
+            "\nCPU CSR linears vs dense (batch 8, whole model; measured, not a claim): "
+            + ", ".join(f"{k}: {v['speedup']:.2f}x" for k, v in latency.items())
+            + ".\n"
         )
     md += f"\nChecks: {record['checks']}\n\nLoad average (1/5/15 min) at start {load_start}, end {_load_avg()} "
     md += "(the machine is shared; times are wall-clock).\n"

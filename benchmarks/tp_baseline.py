@@ -39,6 +39,7 @@ import copy
 import math
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -194,6 +195,19 @@ def vit_from_timm_vit(plain: TimmViT, like: ViTConfig) -> ViT:
     return model.eval()
 
 
+def with_scale(model: ViT, mode: str, dense: ViTConfig) -> ViT:
+    """A copy of ``model`` whose attention scales follow ``mode``: ``example`` = ``qk_dim ** -0.5`` of the pruned
+    width (SDPA's default, timm's fused path), ``original`` = the dense model's scale (timm's non-fused path)."""
+    if mode not in SCALE_MODES:
+        raise VitPruneError(f"scale mode must be one of {', '.join(SCALE_MODES)}, got {mode!r}")
+    fields = model.config.to_dict()
+    for b, d in zip(fields["blocks"], dense.blocks, strict=True):
+        b["scale"] = d.scale if mode == "original" else (b["qk_dim"] ** -0.5 if b["qk_dim"] > 0 else 1.0)
+    out = ViT(ViTConfig.from_dict(fields))
+    out.load_state_dict(model.state_dict(), strict=True)
+    return out.eval()
+
+
 # ------------------------------------------------------------------------------------------ Torch-Pruning
 def _tp():
     try:
@@ -259,7 +273,22 @@ def tp_prune(
     size = model.pos_embed.shape[1] - 1
     side = math.isqrt(size) * model.patch_embed.proj.kernel_size[0]
     example = torch.randn(1, model.patch_embed.proj.in_channels, side, side)
-    pruner = tp.pruner.BasePruner(
+    with warnings.catch_warnings():  # "Unwrapped parameters detected: cls_token, pos_embed" (last dim pruned)
+        warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
+        pruner = _base_pruner(tp, model, example, importance, scope, ratio, attn, num_heads)
+    for group in pruner.step(interactive=True):
+        group.prune()
+    for blk in model.blocks:  # the example's fix-up of num_heads / head_dim
+        a = blk.attn
+        a.num_heads = pruner.num_heads[a.qkv]
+        a.head_dim = a.qkv.out_features // (3 * a.num_heads) if a.num_heads > 0 else 0
+    model.zero_grad(set_to_none=True)
+    return model.eval()
+
+
+def _base_pruner(tp, model: TimmViT, example: Tensor, importance: str, scope: str, ratio: float, attn: str, num_heads):
+    """``tp.pruner.BasePruner`` with the example's arguments."""
+    return tp.pruner.BasePruner(
         model,
         example,
         importance=make_importance(importance),
@@ -273,20 +302,6 @@ def tp_prune(
         head_pruning_ratio=ratio if attn == "heads" else 0.0,
         round_to=1,
     )
-    for group in pruner.step(interactive=True):
-        group.prune()
-    for blk in model.blocks:  # the example's fix-up of num_heads / head_dim
-        a = blk.attn
-        a.num_heads = pruner.num_heads[a.qkv]
-        a.head_dim = a.qkv.out_features // (3 * a.num_heads) if a.num_heads > 0 else 0
-    model.zero_grad(set_to_none=True)
-    return model.eval()
-
-
-def macs_fraction(model: ViT, dense_macs: int) -> float:
-    from vitprune.metrics.flops import count_macs
-
-    return count_macs(model)["total"] / dense_macs
 
 
 def bisect_ratio(
@@ -294,13 +309,17 @@ def bisect_ratio(
     target: float,
     lo: float = 0.0,
     hi: float = 0.95,
+    guess: float | None = None,
     iters: int = 14,
-    tol: float = 0.002,
+    tol: float = 0.003,
 ) -> tuple[float, float, list[dict[str, float]]]:
     """The ratio whose (non-increasing, step-wise) MACs fraction is closest to ``target``.
 
-    Bisection on ``[lo, hi]`` assuming ``fraction_of`` decreases with the ratio; returns ``(ratio, fraction,
-    trials)`` for the closest trial seen, stopping early once within ``tol``.
+    Safeguarded bisection (regula falsi with the Illinois rule) on ``[lo, hi]`` assuming ``fraction_of``
+    decreases with the ratio. The first interior probe is ``guess`` (default the midpoint); each later probe
+    interpolates inside the bracket, clamped to its middle 80 % so the bracket shrinks by at least 10 % per
+    probe. Stops once a probe is within ``tol`` of the target, after ``iters`` interior probes, or when the
+    bracket is narrower than 1e-4. Returns ``(ratio, fraction, trials)`` of the closest probe.
     """
     if not 0.0 < target <= 1.0:
         raise VitPruneError(f"target MACs fraction must be in (0, 1], got {target}")
@@ -311,20 +330,37 @@ def bisect_ratio(
         trials.append({"ratio": r, "fraction": f})
         return f
 
-    if probe(lo) <= target + tol:
+    g_lo = probe(lo) - target
+    if g_lo <= tol:
         return lo, trials[0]["fraction"], trials
-    if probe(hi) > target:
-        raise VitPruneError(f"even pruning ratio {hi} leaves {trials[-1]['fraction']:.3f} of the MACs > {target}")
+    mid = guess if guess is not None and lo < guess < hi else (lo + hi) / 2
+    g_hi: float | None = None  # hi is probed only when the guess lands above the target
+    side = 0
     for _ in range(iters):
-        mid = (lo + hi) / 2
-        f = probe(mid)
-        if abs(f - target) <= tol:
+        g = probe(mid) - target
+        if abs(g) <= tol:
             break
-        if f > target:
-            lo = mid
+        if g > 0:
+            lo, g_lo = mid, g
+            if side == 1 and g_hi is not None:
+                g_hi /= 2  # Illinois: the retained endpoint's value is halved
+            side = 1
         else:
-            hi = mid
-    best = min(trials, key=lambda t: abs(t["fraction"] - target))
+            hi, g_hi = mid, g
+            if side == -1:
+                g_lo /= 2
+            side = -1
+        if g_hi is None:
+            g_hi = probe(hi) - target
+            if g_hi > tol:
+                raise VitPruneError(f"even pruning ratio {hi} leaves {trials[-1]['fraction']:.3f} of the MACs")
+            if abs(g_hi) <= tol:
+                break
+        if hi - lo < 1e-4:
+            break
+        t = g_lo / (g_lo - g_hi) if g_lo > g_hi else 0.5
+        mid = lo + (hi - lo) * min(max(t, 0.1), 0.9)
+    best = min(trials, key=lambda t: (abs(t["fraction"] - target), t["ratio"]))
     return best["ratio"], best["fraction"], trials
 
 
@@ -336,7 +372,7 @@ def prune_to_macs(
     scope: str,
     attn: str = "dims",
     grads: dict[str, Tensor] | None = None,
-    tol: float = 0.002,
+    tol: float = 0.003,
 ) -> tuple[ViT, TimmViT, dict[str, Any]]:
     """Bisect Torch-Pruning's ratio until the converted model's MACs are ``target`` of ``dense``'s.
 
@@ -354,7 +390,8 @@ def prune_to_macs(
         cache[ratio] = (model, plain)
         return count_macs(model)["total"] / dense_macs
 
-    ratio, frac, trials = bisect_ratio(fraction, target, tol=tol)
+    guess = 1.0 - math.sqrt(target)  # uniform width pruning: MACs ~ (1 - r)^2
+    ratio, frac, trials = bisect_ratio(fraction, target, guess=guess, tol=tol)
     if ratio not in cache:
         fraction(ratio)
     model, plain = cache[ratio]
@@ -388,6 +425,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--scope", nargs="+", choices=SCOPES, default=list(SCOPES))
     ap.add_argument("--attn", choices=ATTN_MODES, default="dims", help="prune head dims (example default) or heads")
     ap.add_argument("--attn-scale", choices=SCALE_MODES, default="example", help="see the module docstring")
+    ap.add_argument("--eval-other-scale", action="store_true", help="also evaluate one-shot with the other scale")
     ap.add_argument("--val-limit-per-class", type=int, default=None, help="first N val images per class")
     ap.add_argument("--taylor-batches", type=int, default=10, help="the example's taylor_batchs")
     ap.add_argument("--taylor-batch-size", type=int, default=64, help="the example's train_batch_size")
@@ -457,6 +495,10 @@ def main(argv: list[str] | None = None) -> int:
                     "prune_s": time.perf_counter() - t0,
                 }
                 row["oneshot"] = S.top1(model, val)
+                if args.eval_other_scale:
+                    other = SCALE_MODES[1 - SCALE_MODES.index(args.attn_scale)]
+                    row[f"oneshot_scale_{other}"] = S.top1(with_scale(model, other, dense.config), val)
+                    print(f"{name}: one-shot top-1 with the {other} scale {row[f'oneshot_scale_{other}']['top1']:.2f}")
                 msg = f"ratio {info['ratio']:.4f} -> MACs {row['macs_fraction']:.3f}"
                 print(f"{name}: {msg}, one-shot top-1 {row['oneshot']['top1']:.2f} (|dlogit| {diff:.1e})", flush=True)
                 if args.save_dir:
@@ -490,6 +532,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {
             "attn": args.attn,
             "attn_scale": args.attn_scale,
+            "eval_other_scale": args.eval_other_scale,
             "round_to": 1,
             "iterative_steps": 1,
             "ignored_layers": ["head"],
@@ -505,17 +548,20 @@ def main(argv: list[str] | None = None) -> int:
         "wall_s": time.perf_counter() - t_start,
     }
     bs_cols = [f"speed-up b{bs}" for bs in args.speed_batch_sizes]
-    table_rows = [["dense", "-", "1.000", dense_info["params"], dense_eval["top1"], "-", *["1.00"] * len(bs_cols)]]
+    other = SCALE_MODES[1 - SCALE_MODES.index(args.attn_scale)]
+    other_cols = [f"one-shot top-1 % ({other} scale)"] if args.eval_other_scale else []
+    dash = ["-"] * len(other_cols)
+    table_rows = [
+        ["dense", "-", "1.000", dense_info["params"], dense_eval["top1"], *dash, "-", *["1.00"] * len(bs_cols)]
+    ]
     for r in rows:
         rec = r.get("recovered", {}).get("top1", "-")
-        table_rows.append(
-            [r["importance"], r["scope"], f"{r['macs_fraction']:.3f}", r["params"], r["oneshot"]["top1"], rec,
-             *[r["speedup"][str(bs)] for bs in args.speed_batch_sizes]]
-        )  # fmt: skip
-    table = markdown_table(
-        ["importance", "scope", "MACs fraction", "params", "one-shot top-1 %", "recovered top-1 %", *bs_cols],
-        table_rows,
-    )
+        alt = [r[f"oneshot_scale_{other}"]["top1"]] if other_cols else []
+        speeds = [r["speedup"][str(bs)] for bs in args.speed_batch_sizes]
+        macs = f"{r['macs_fraction']:.3f}"
+        table_rows.append([r["importance"], r["scope"], macs, r["params"], r["oneshot"]["top1"], *alt, rec, *speeds])
+    headers = ["importance", "scope", "MACs fraction", "params", "one-shot top-1 %", *other_cols, "recovered top-1 %"]
+    table = markdown_table([*headers, *bs_cols], table_rows)
     budget = (
         f"recovery: distillation from the dense model, at most {args.recover_images} images or "
         f"{args.recover_minutes:g} min per model (whichever first; see the JSON for what each consumed)"

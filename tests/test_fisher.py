@@ -66,6 +66,19 @@ def test_float32_accumulate_with_paper_damping():
         assert torch.allclose(got.double(), want.float().double(), rtol=1e-3, atol=1e-3 * want.abs().max())
 
 
+def test_relative_dampening():
+    torch.manual_seed(4)
+    grads = torch.randn(30, 40, dtype=torch.float64) * 1e-3
+    est = BlockFisherInverse(40, 16, 30, 0.05, dtype=torch.float64, relative=True)
+    est.update(grads)
+    est.finalize()
+    lam = 0.05 * grads.pow(2).mean().item()  # mean diagonal of (1/m) sum g g^T
+    assert est.lam == pytest.approx(lam)
+    _close(est.blocks, dense_block_fisher_inverse(grads, 16, lam))
+    with pytest.raises(VitPruneError, match="relative"):
+        BlockFisherInverse(40, 16, 30, 0.05, mode="woodbury", relative=True)
+
+
 def test_woodbury_fold_equals_sequential_sherman_morrison():
     torch.manual_seed(2)
     b, k, m = 9, 5, 20

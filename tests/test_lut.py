@@ -139,7 +139,9 @@ def test_build_and_check_tiny_table():
     assert (table.attn_ms > 0).all() and (table.mlp_ms > 0).all()
     for key in ("device_name", "dtype", "batch_size", "threads", "tokens", "torch", "date"):
         assert table.meta[key] is not None
-    assert table.meta["tokens"] == 5
+    assert table.meta["tokens"] == 5 and table.meta["stat"] == "median"
+    with pytest.raises(VitPruneError, match="unknown timing statistic"):
+        build_table(grid=TINY_GRID, img_size=16, patch_size=8, stat="mean", progress=False)
     base = ViTConfig.uniform(16, 2, 2, mlp_ratio=2.0, num_classes=3, img_size=16, patch_size=8)
     result = check_table(table, base, num_archs=2, warmup=0, runs=1, progress=False)
     assert len(result["archs"]) == 3

@@ -54,6 +54,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         warmup=args.warmup,
         runs=args.runs,
         progress=not args.quiet,
+        stat=args.stat,
         **shape,
     )
     if config is not None:
@@ -104,6 +105,11 @@ def cmd_check(args: argparse.Namespace) -> int:
         f"relative error: median {100 * result['median_rel_error']:.1f} %, max {100 * result['max_rel_error']:.1f} % "
         f"({len(result['archs'])} architectures)"
     )
+    if result["median_ratio_error"] is not None:
+        print(
+            f"error of latency relative to dense: median {100 * result['median_ratio_error']:.1f} %, "
+            f"max {100 * result['max_ratio_error']:.1f} %"
+        )
     if args.json:
         atomic_write_text(args.json, json.dumps(result, indent=2) + "\n", overwrite=args.overwrite)
     return 0
@@ -130,7 +136,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prefix-tokens", type=int, default=1, help="class (+ distillation) tokens without --model")
     p.add_argument("--num-classes", type=int, default=1000, help="classifier width without --model")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--runs", type=int, default=7, help="timed runs per grid point (median)")
+    p.add_argument("--runs", type=int, default=7, help="timed runs per grid point")
+    p.add_argument(
+        "--stat", choices=("median", "min"), default="median", help="per-point statistic (min: busy machines)"
+    )
     p.add_argument("--out", required=True, metavar="FILE", help="output JSON file")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

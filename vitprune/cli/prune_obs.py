@@ -85,6 +85,8 @@ def cmd_obs(args: argparse.Namespace) -> int:
         if getattr(args, name) <= 0:
             raise VitPruneError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     damp = args.damp if args.damp is not None else (0.01 if args.method == "sparsegpt" else OBSConfig.damp)
+    if args.damp_absolute and args.damp is None:
+        raise VitPruneError("--damp-absolute needs an explicit --damp (the paper used 1e-8)")
     obs_cfg = None
     if args.method == "obs":
         obs_cfg = OBSConfig(
@@ -92,12 +94,15 @@ def cmd_obs(args: argparse.Namespace) -> int:
             num_grads=args.num_grads,
             grad_mode=args.grad_mode,
             damp=damp,
+            damp_relative=not args.damp_absolute,
+            fisher_labels=args.fisher_labels,
             fisher_mode=args.fisher_mode,
             allocation=args.allocation,
             nm=nm,
             max_memory_gb=args.max_memory_gb if args.max_memory_gb > 0 else None,
             allow_smaller_blocks=args.auto_block_size,
             device=args.device,
+            seed=args.seed,
         )
         obs_cfg.validate()
 
@@ -226,6 +231,8 @@ def _gradual(args, model, obs_cfg, calib_loader, classes, transform, score, run)
 
 
 def register_prune(methods: argparse._SubParsersAction) -> None:
+    from vitprune.pruners.obs import OBSConfig
+
     p = methods.add_parser(
         "obs",
         help="oViT/OBS second-order unstructured pruning (and GM/UM/Wanda/SparseGPT baselines)",
@@ -244,7 +251,20 @@ def register_prune(methods: argparse._SubParsersAction) -> None:
     o = p.add_argument_group("OBS")
     o.add_argument("--block-size", type=int, default=128, help="Fisher block size B (SparseGPT: column block)")
     o.add_argument("--num-grads", type=int, default=1024, help="gradients m in the Fisher (= calibration images)")
-    o.add_argument("--damp", type=float, default=None, help="OBS Fisher lambda (default 1e-7); SparseGPT relative 0.01")
+    o.add_argument(
+        "--damp",
+        type=float,
+        default=None,
+        help=f"Fisher lambda as a fraction of the layer's mean Fisher diagonal (OBS, default {OBSConfig.damp}); "
+        "SparseGPT: fraction of mean diag(X^T X) (default 0.01)",
+    )
+    o.add_argument("--damp-absolute", action="store_true", help="--damp is an absolute lambda (paper: 1e-8)")
+    o.add_argument(
+        "--fisher-labels",
+        choices=("data", "model"),
+        default="data",
+        help="gradient labels: the data's (empirical Fisher) or sampled from the model (true Fisher)",
+    )
     o.add_argument("--grad-mode", choices=("per_sample", "batch"), default="per_sample")
     o.add_argument("--fisher-mode", choices=("accumulate", "woodbury"), default="accumulate")
     o.add_argument("--allocation", choices=("global", "layer"), default="global", help="sparsity over all layers")

@@ -181,7 +181,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     load_start = loadavg()
     device = _setup_runtime(args)
-    cfg = fashion_mnist_config(args.embed_dim, args.depth, args.heads, args.mlp_ratio, args.patch_size)
+    cfg = fashion_mnist_config(
+        args.embed_dim, args.depth, args.heads, args.mlp_ratio, args.patch_size, args.global_pool
+    )
     transform = build_train_transform(
         28, scale=None, crop_padding=args.crop_padding, hflip=args.hflip, randaugment=args.randaugment
     )
@@ -229,6 +231,7 @@ def register_train(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--heads", type=int, default=DEFAULT_ARCH["heads"])
     m.add_argument("--mlp-ratio", type=float, default=DEFAULT_ARCH["mlp_ratio"])
     m.add_argument("--patch-size", type=int, default=DEFAULT_ARCH["patch_size"], help="4, 7, 14 or 28")
+    m.add_argument("--global-pool", choices=("token", "avg"), default=DEFAULT_ARCH["global_pool"])
     d = p.add_argument_group("data")
     d.add_argument("--data-root", default=None, help="Fashion-MNIST IDX folder (default: Debian's location)")
     d.add_argument("--crop-padding", type=int, default=2, help="random crop after padding by N pixels")

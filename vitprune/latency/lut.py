@@ -286,7 +286,10 @@ class LatencyTable:
 
 
 # ------------------------------------------------------------------------------------------------- timing
-def _time_ms(fn: Callable[[], Any], device: torch.device, warmup: int, runs: int) -> float:
+STATS = {"median": statistics.median, "min": min}
+
+
+def _time_ms(fn: Callable[[], Any], device: torch.device, warmup: int, runs: int, stat: str = "median") -> float:
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     for _ in range(warmup):
         fn()
@@ -297,7 +300,7 @@ def _time_ms(fn: Callable[[], Any], device: torch.device, warmup: int, runs: int
         fn()
         sync()
         times.append((time.perf_counter() - t0) * 1000.0)
-    return statistics.median(times)
+    return STATS[stat](times)
 
 
 class _AttnBranch(nn.Module):
@@ -332,8 +335,14 @@ def build_table(
     warmup: int = 2,
     runs: int = 7,
     progress: bool = True,
+    stat: str = "median",
 ) -> LatencyTable:
-    """Time attention / MLP branches and the stem over ``grid`` on ``device`` (see the module docstring)."""
+    """Time attention / MLP branches and the stem over ``grid`` on ``device`` (see the module docstring).
+
+    ``stat`` summarises the timed runs of each point: "median" (default) or "min" (robust to other processes
+    competing for the CPU, which only ever add time); :func:`check_table` uses the table's statistic."""
+    if stat not in STATS:
+        raise VitPruneError(f"unknown timing statistic {stat!r} (expected {', '.join(STATS)})")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise VitPruneError("device 'cuda' requested but no CUDA GPU is available")
@@ -367,11 +376,11 @@ def build_table(
                     enumerate(grid["heads"]), enumerate(grid["qk"]), enumerate(grid["v"])
                 ):
                     branch = _AttnBranch(Block(e, BlockConfig(h, q, v, 0), 1e-6, True, 0.0)).to(dev, tdtype).eval()
-                    attn[ie, ih, iq, iv] = _time_ms(lambda f=branch, x=x: f(x), dev, warmup, runs)
+                    attn[ie, ih, iq, iv] = _time_ms(lambda f=branch, x=x: f(x), dev, warmup, runs, stat)
                     bar.update(1)
                 for im, m in enumerate(grid["mlp"]):
                     branch = _MlpBranch(Block(e, BlockConfig(0, 0, 0, m), 1e-6, True, 0.0)).to(dev, tdtype).eval()
-                    mlp[ie, im] = _time_ms(lambda f=branch, x=x: f(x), dev, warmup, runs)
+                    mlp[ie, im] = _time_ms(lambda f=branch, x=x: f(x), dev, warmup, runs, stat)
                     bar.update(1)
                 cfg = ViTConfig(
                     embed_dim=e,
@@ -386,7 +395,7 @@ def build_table(
                 )
                 vit = ViT(cfg).to(dev, tdtype).eval()
                 images = torch.randn(batch_size, in_chans, img_size, img_size, generator=gen).to(dev, tdtype)
-                stem[ie] = _time_ms(lambda vit=vit, images=images: vit(images), dev, warmup, runs)
+                stem[ie] = _time_ms(lambda vit=vit, images=images: vit(images), dev, warmup, runs, stat)
                 bar.update(1)
         used_threads = torch.get_num_threads()
     finally:
@@ -406,6 +415,7 @@ def build_table(
         "num_classes": num_classes,
         "warmup": warmup,
         "runs": runs,
+        "stat": stat,
         "torch": torch.__version__,
         "cpu_count": os.cpu_count(),
         "platform": platform.platform(),
@@ -448,8 +458,10 @@ def check_table(
 ) -> dict[str, Any]:
     """Predicted vs measured latency of ``base`` and ``num_archs`` random pruned versions of it.
 
-    Returns ``{"archs": [{"predicted_ms", "measured_ms", "rel_error", "config"}...], "median_rel_error",
-    "max_rel_error"}``; ``rel_error = |predicted - measured| / measured``.
+    Returns ``{"archs": [{"predicted_ms", "measured_ms", "rel_error", ...}...], "median_rel_error",
+    "max_rel_error", "median_ratio_error", "max_ratio_error"}``; ``rel_error = |predicted - measured| / measured``;
+    the ratio errors compare latency *relative to the first (dense) architecture*, which is what a latency-fraction
+    pruning target depends on.
     """
     dev = torch.device(device)
     table.covers(base)
@@ -466,7 +478,9 @@ def check_table(
             model = ViT(cfg).to(dev, dtype).eval()
             x = torch.randn(table.meta["batch_size"], cfg.in_chans, cfg.img_size, cfg.img_size).to(dev, dtype)
             with torch.inference_mode():
-                measured = _time_ms(lambda model=model, x=x: model(x), dev, warmup, runs)
+                measured = _time_ms(
+                    lambda model=model, x=x: model(x), dev, warmup, runs, table.meta.get("stat", "median")
+                )
             predicted = table.predict(cfg)
             rows.append(
                 {
@@ -480,10 +494,19 @@ def check_table(
     finally:
         torch.set_num_threads(old)
     errors = [r["rel_error"] for r in rows]
+    ratio_errors = []
+    if include_base:  # what a pruning target uses: latency relative to the dense model
+        for r in rows[1:]:
+            pred = r["predicted_ms"] / rows[0]["predicted_ms"]
+            meas = r["measured_ms"] / rows[0]["measured_ms"]
+            r["predicted_ratio"], r["measured_ratio"] = round(pred, 4), round(meas, 4)
+            ratio_errors.append(abs(pred - meas) / meas)
     return {
         "archs": rows,
         "median_rel_error": statistics.median(errors),
         "max_rel_error": max(errors),
+        "median_ratio_error": statistics.median(ratio_errors) if ratio_errors else None,
+        "max_ratio_error": max(ratio_errors) if ratio_errors else None,
         "device": str(dev),
         "device_name": device_name(dev),
         "batch_size": table.meta["batch_size"],

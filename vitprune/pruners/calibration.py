@@ -65,13 +65,20 @@ def iter_gradients(
     per_sample: bool = True,
     loss_fn: LossFn | None = None,
     device: str | torch.device = "cpu",
+    labels: str = "data",
+    seed: int = 0,
 ) -> Iterator[dict[str, Tensor]]:
     """Yield ``{name: (k, numel)}`` gradient chunks until ``num_grads`` gradients were produced (or data ends).
 
-    ``per_sample``: one gradient per image of the loss of that image (``loss_fn(logits, labels)`` summed);
-    otherwise one gradient per mini-batch of the mean loss. The model is run in eval mode; weights are untouched.
-    ``loss_fn`` defaults to cross-entropy with the loader's labels (the empirical Fisher).
+    ``per_sample``: one gradient per image of the loss of that image (``loss_fn(logits, labels)`` as a batch
+    mean); otherwise one gradient per mini-batch of the mean loss. The model runs in eval mode; weights are
+    untouched. ``loss_fn`` defaults to cross-entropy. ``labels="data"`` uses the loader's labels (the empirical
+    Fisher of the papers); ``"model"`` draws each label from the model's own predictive distribution
+    (``y ~ softmax(logits)``, seeded), whose gradient outer products average to the true Fisher.
     """
+    if labels not in ("data", "model"):
+        raise VitPruneError(f"gradient labels must be 'data' or 'model', got {labels!r}")
+    gen = torch.Generator().manual_seed(seed)
     names = list(names)
     modules = dict(model.named_modules())
     linears = [modules[n] for n in names]
@@ -82,13 +89,14 @@ def iter_gradients(
         for batch in loader:
             if produced >= num_grads:
                 break
-            images, labels = split_batch(batch)
+            images, targets = split_batch(batch)
             images = images.to(device)
-            labels = labels.to(device) if labels is not None else None
+            targets = targets.to(device) if targets is not None and labels == "data" else None
+            sampler = (lambda logits: _sample_labels(logits, gen)) if labels == "model" else None
             if per_sample:
-                grads = _per_sample_grads(model, linears, names, images, labels, loss_fn)
+                grads = _per_sample_grads(model, linears, names, images, targets, loss_fn, sampler)
             else:
-                grads = _batch_grads(model, linears, names, images, labels, loss_fn)
+                grads = _batch_grads(model, linears, names, images, targets, loss_fn, sampler)
             k = min(next(iter(grads.values())).shape[0], num_grads - produced)
             produced += k
             yield {n: g[:k] for n, g in grads.items()}
@@ -96,7 +104,12 @@ def iter_gradients(
         model.train(was_training)
 
 
-def _per_sample_grads(model, linears, names, images, labels, loss_fn) -> dict[str, Tensor]:
+def _sample_labels(logits: Tensor, gen: torch.Generator) -> Tensor:
+    probs = torch.softmax(logits.detach().float(), dim=-1).cpu()
+    return torch.multinomial(probs, 1, generator=gen).squeeze(1).to(logits.device)
+
+
+def _per_sample_grads(model, linears, names, images, labels, loss_fn, sampler=None) -> dict[str, Tensor]:
     inputs: list[Tensor] = []
     outputs: list[Tensor] = []
 
@@ -109,6 +122,7 @@ def _per_sample_grads(model, linears, names, images, labels, loss_fn) -> dict[st
         with torch.enable_grad():
             x = images.detach().requires_grad_(True)  # makes every linear output part of the graph
             logits = model(x)
+            labels = sampler(logits) if sampler is not None else labels
             loss = loss_fn(logits, labels) * logits.shape[0] if loss_fn else _default_loss(logits, labels, "sum")
             dys = torch.autograd.grad(loss, outputs)
     finally:
@@ -125,7 +139,7 @@ def _per_sample_grads(model, linears, names, images, labels, loss_fn) -> dict[st
     return out
 
 
-def _batch_grads(model, linears, names, images, labels, loss_fn) -> dict[str, Tensor]:
+def _batch_grads(model, linears, names, images, labels, loss_fn, sampler=None) -> dict[str, Tensor]:
     weights = [m.weight for m in linears]
     flags = [w.requires_grad for w in weights]
     try:
@@ -133,6 +147,7 @@ def _batch_grads(model, linears, names, images, labels, loss_fn) -> dict[str, Te
             w.requires_grad_(True)
         with torch.enable_grad():
             logits = model(images)
+            labels = sampler(logits) if sampler is not None else labels
             loss = loss_fn(logits, labels) if loss_fn else _default_loss(logits, labels, "mean")
             grads = torch.autograd.grad(loss, weights)
     finally:

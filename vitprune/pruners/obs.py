@@ -13,8 +13,9 @@ One-shot (METHODS.md section 4, oViT section 3):
    (:func:`vitprune.scoring.obs.replay_prefix`, tested equal to :func:`~vitprune.scoring.obs.group_obs_update`).
 
 Steps 1-2 run once; steps 3-4 cost one sort and one ``bmm`` per target, so :meth:`OBSPruner.prune` with several
-targets (the *sweep*) reuses the same Fisher and traces for every target. N:M replaces steps 2-4 by a greedy constrained to remove ``M - N``
-weights of every ``M`` consecutive input weights (then the greedy's own weights are the joint OBS solution).
+targets (the *sweep*) reuses the same Fisher and traces for every target. N:M replaces steps 2-4 by a greedy
+constrained to remove ``M - N`` weights of every ``M`` consecutive input weights (then the greedy's own weights
+are the joint OBS solution).
 
 Gradual pruning (:meth:`OBSPruner.gradual`): at each level of a schedule, a fresh Fisher and OBS step on the
 current (masked) model, then masked recovery training with a fresh optimizer and learning-rate schedule
@@ -61,7 +62,9 @@ class OBSConfig:
     """Settings of the OBS pruner (defaults measured on ViT-Tiny / 2-core CPU; see benchmarks/obs_oneshot.py).
 
     ``num_grads``: ``m``, the number of gradients in the Fisher (per sample with ``grad_mode='per_sample'``, per
-    mini-batch of the loader with ``'batch'``). ``damp``: ``lambda`` of ``F = lambda I + (1/m) sum g g^T``.
+    mini-batch of the loader with ``'batch'``). ``damp``: ``lambda`` of ``F = lambda I + (1/m) sum g g^T``, as a
+    fraction of the layer's mean Fisher diagonal when ``damp_relative`` (else absolute, as in the paper).
+    ``fisher_labels``: ``'data'`` (empirical Fisher) or ``'model'`` (labels drawn from the model).
     ``max_memory_gb``: refuse (or, with ``allow_smaller_blocks``, shrink ``block_size``) when the Fisher
     inverse would exceed it. ``allocation``: ``'global'`` threshold over all layers or ``'layer'`` (uniform).
     """
@@ -69,7 +72,9 @@ class OBSConfig:
     block_size: int = 128
     num_grads: int = 1024
     grad_mode: str = "per_sample"
-    damp: float = 1e-7
+    damp: float = 0.1
+    damp_relative: bool = True
+    fisher_labels: str = "data"
     fisher_mode: str = "accumulate"
     patterns: tuple[str, ...] = DEFAULT_PATTERNS
     allocation: str = "global"
@@ -79,6 +84,7 @@ class OBSConfig:
     greedy_dtype: str = "float32"
     chunk_blocks: int = 128
     device: str = "cpu"
+    seed: int = 0
 
     def validate(self) -> None:
         if self.grad_mode not in ("per_sample", "batch"):
@@ -93,6 +99,10 @@ class OBSConfig:
             raise VitPruneError("num_grads, block_size and chunk_blocks must be positive")
         if self.damp <= 0:
             raise VitPruneError(f"damp must be positive, got {self.damp}")
+        if self.damp_relative and self.fisher_mode == "woodbury":
+            raise VitPruneError("the woodbury Fisher needs an absolute dampening (damp_relative=False)")
+        if self.fisher_labels not in ("data", "model"):
+            raise VitPruneError(f"fisher_labels must be 'data' or 'model', got {self.fisher_labels!r}")
 
 
 def peak_rss_bytes() -> int:
@@ -159,9 +169,18 @@ class OBSPruner:
             allow_smaller=cfg.allow_smaller_blocks,
             multiple_of=multiple,
             device=cfg.device,
+            relative=cfg.damp_relative,
         )
         for grads in iter_gradients(
-            self.model, loader, self.names, cfg.num_grads, cfg.grad_mode == "per_sample", self.loss_fn, cfg.device
+            self.model,
+            loader,
+            self.names,
+            cfg.num_grads,
+            cfg.grad_mode == "per_sample",
+            self.loss_fn,
+            cfg.device,
+            labels=cfg.fisher_labels,
+            seed=cfg.seed,
         ):
             self.fisher.add(grads)
             del grads
@@ -176,7 +195,10 @@ class OBSPruner:
             fisher_bytes=self.fisher.nbytes,
             grad_mode=cfg.grad_mode,
             fisher_mode=cfg.fisher_mode,
+            fisher_labels=cfg.fisher_labels,
             damp=cfg.damp,
+            damp_relative=cfg.damp_relative,
+            lambda_per_layer={n: f.lam for n, f in self.fisher.items()},
         )
         self.layer_traces = {}
         self.fisher_consumed = False

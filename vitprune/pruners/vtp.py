@@ -1,6 +1,7 @@
 """VTP: Vision Transformer Pruning with learned dimension gates and L1 sparsity (Zhu, Tang & Han, 2021).
 
-The paper's pipeline (its Sec. 3.2 and Fig. 1), for every prunable dimension of a linear projection:
+The paper's pipeline (its Fig. 1 and method section; the seed text in shared/seeds has no equation numbers, so
+the formulas are named by content), for every prunable dimension of a linear projection:
 
 1. a learnable gate vector ``a`` (initialised to 1) multiplies the features, ``X* = X diag(a)``;
 2. *sparsity training* minimises ``L(X; W, a) + lambda * sum_l ||a_l||_1``;

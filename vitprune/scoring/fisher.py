@@ -16,6 +16,9 @@ over ``m`` gradients. Two ways to build ``F^-1`` give the same matrix:
   float64 Cholesky. Same memory (``d * B`` numbers), about half the arithmetic, far less round-off when
   ``lambda`` is tiny, and across ranks the sums are simply all-reduced.
 
+``relative=True`` (accumulate mode) sets ``lambda = damp * mean(diag((1/m) sum g g^T))`` over the whole layer,
+which makes the dampening independent of the loss and gradient scale (SparseGPT damps ``X^T X`` the same way).
+
 Neither stores the gradients. Memory is ``d * B`` elements for ``d`` weights; :func:`plan_block_size` checks
 this before anything is allocated.
 """
@@ -155,6 +158,7 @@ class BlockFisherInverse:
         mode: str = "accumulate",
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
+        relative: bool = False,
     ) -> None:
         if mode not in FISHER_MODES:
             raise VitPruneError(f"unknown Fisher mode {mode!r} (choose from {', '.join(FISHER_MODES)})")
@@ -162,6 +166,10 @@ class BlockFisherInverse:
             raise VitPruneError(f"Fisher dampening must be positive, got {damp}")
         if num_grads <= 0:
             raise VitPruneError(f"number of gradients must be positive, got {num_grads}")
+        if relative and mode == "woodbury":
+            raise VitPruneError("relative dampening needs the accumulate Fisher mode (woodbury fixes lambda up front)")
+        self.relative = relative
+        self.lam = None if relative else float(damp)
         self.layout = BlockLayout(numel, min(block_size, numel))
         self.num_grads, self.damp, self.mode = int(num_grads), float(damp), mode
         self.count = 0
@@ -205,10 +213,16 @@ class BlockFisherInverse:
                 dist.all_reduce_sum_(count)
             if count.item() == 0:
                 raise VitPruneError("no gradients were collected for the Fisher estimate")
+            m = int(count.item())
             for blk in self.blocks:
                 if dist.is_distributed():
                     dist.all_reduce_sum_(blk)
-                invert_damped_(blk, self.damp, int(count.item()))
+            if self.relative:
+                diag_sum = sum(float(b.diagonal(dim1=1, dim2=2).double().sum()) for b in self.blocks)
+                mean_diag = diag_sum / (self.layout.numel * m)
+                self.lam = self.damp * mean_diag if mean_diag > 0 else self.damp
+            for blk in self.blocks:
+                invert_damped_(blk, self.lam, m)
         self.finalized = True
 
 
@@ -265,11 +279,13 @@ class FisherInverses:
         multiple_of: int = 1,
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
+        relative: bool = False,
     ) -> FisherInverses:
         """Check memory first (:func:`plan_block_size`), then allocate one estimate per layer."""
         block = plan_block_size(numels.values(), block_size, max_bytes, multiple_of, allow_smaller, dtype)
         layers = {
-            name: BlockFisherInverse(n, block, num_grads, damp, mode, dtype, device) for name, n in numels.items()
+            name: BlockFisherInverse(n, block, num_grads, damp, mode, dtype, device, relative)
+            for name, n in numels.items()
         }
         return cls(layers, block)
 

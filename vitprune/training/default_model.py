@@ -19,7 +19,14 @@ from vitprune.models.vit import ViT
 ASSET_NAME = "fashion_mnist_vit"
 
 # Architecture of the shipped model: several heads, MLP ratio 4, width a multiple of 8.
-DEFAULT_ARCH: dict[str, Any] = {"embed_dim": 64, "depth": 4, "heads": 4, "mlp_ratio": 4.0, "patch_size": 4}
+DEFAULT_ARCH: dict[str, Any] = {
+    "embed_dim": 64,
+    "depth": 4,
+    "heads": 4,
+    "mlp_ratio": 4.0,
+    "patch_size": 4,
+    "global_pool": "token",
+}
 
 
 def fashion_mnist_config(
@@ -28,8 +35,12 @@ def fashion_mnist_config(
     heads: int = DEFAULT_ARCH["heads"],
     mlp_ratio: float = DEFAULT_ARCH["mlp_ratio"],
     patch_size: int = DEFAULT_ARCH["patch_size"],
+    global_pool: str = DEFAULT_ARCH["global_pool"],
 ) -> ViTConfig:
-    """A ViT for 28x28 grey images and the 10 Fashion-MNIST classes (class token, timm layout)."""
+    """A ViT for 28x28 grey images and the 10 Fashion-MNIST classes (class token, timm layout).
+
+    ``global_pool="avg"`` classifies the mean of the patch tokens (the class token is kept for the layout).
+    """
     from vitprune.data.fashion_mnist import CLASSES, MEAN, STD
 
     return ViTConfig.uniform(
@@ -41,6 +52,7 @@ def fashion_mnist_config(
         img_size=28,
         patch_size=patch_size,
         in_chans=1,
+        global_pool=global_pool,
         name=f"vit_fashion_mnist_d{embed_dim}_l{depth}_h{heads}_p{patch_size}",
         extra={"dataset": "fashion-mnist", "mean": [MEAN], "std": [STD], "classes": list(CLASSES)},
     )

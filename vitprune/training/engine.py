@@ -436,10 +436,14 @@ class Trainer:
         if self.out_dir is not None and self.is_main:  # drop log lines written after the checkpoint
             path = self.out_dir / METRICS_NAME
             if path.is_file():
-                keep = [
-                    ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= self.step
-                ]
-                path.write_text("".join(ln + "\n" for ln in keep))
+                path.write_text("".join(ln + "\n" for ln in path.read_text().splitlines() if self._keep_line(ln)))
+
+    def _keep_line(self, line: str) -> bool:
+        """A metrics line logged at or before the resumed step (a line torn by a kill is dropped)."""
+        try:
+            return int(json.loads(line)["step"]) <= self.step
+        except (ValueError, KeyError, TypeError):
+            return False
 
     # ------------------------------------------------------------------------------------------ logging
     def _log(self, record: dict[str, Any]) -> None:
@@ -552,8 +556,6 @@ class Trainer:
         cfg = self.config
         if cfg.amp == "fp16" and self.device.type != "cuda":
             raise VitPruneError("amp 'fp16' needs a CUDA device; use 'bf16' on CPU")
-        if D.launched_by_torchrun():
-            self.device = D.setup_distributed(self.device)
         self.model.to(self.device)
         if self.teacher is not None:
             self.teacher.to(self.device).eval().requires_grad_(False)
@@ -595,7 +597,10 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         """Train to ``total_steps`` (or until a hook sets ``should_stop``); returns the run summary."""
-        if self.out_dir is not None and self.config.resume and (self.out_dir / SUMMARY_NAME).is_file():
+        if D.launched_by_torchrun():
+            self.device = D.setup_distributed(self.device)
+        resumable = self.out_dir is not None and self.config.resume
+        if resumable and D.broadcast_object(self.is_main and (self.out_dir / SUMMARY_NAME).is_file()):
             return self._finished_summary()
         self._setup()
         cfg = self.config
@@ -693,8 +698,12 @@ class Trainer:
 
     def _finished_summary(self) -> dict[str, Any]:
         """A resume of a finished run: load its final weights and return its summary (no training)."""
-        summary = json.loads((self.out_dir / SUMMARY_NAME).read_text())
-        state = load_checkpoint(self.out_dir / CHECKPOINT_NAME) if (self.out_dir / CHECKPOINT_NAME).is_file() else None
+        summary, state = None, None
+        if self.is_main:  # rank 0 reads (other nodes may not share the file system) and tells the others
+            summary = json.loads((self.out_dir / SUMMARY_NAME).read_text())
+            ckpt = self.out_dir / CHECKPOINT_NAME
+            state = load_checkpoint(ckpt) if ckpt.is_file() else None
+        summary, state = D.broadcast_object((summary, state))
         if state is not None:
             self.model.to(self.device)
             self._restore_model(state)

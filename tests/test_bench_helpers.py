@@ -1,0 +1,306 @@
+"""Library-like logic of the benchmarks: TP baseline conversion/pruning/bisection, the shared recovery harness."""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, TensorDataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import _recovery as R
+import _structural_common as S
+import tp_baseline as T
+from conftest import SHARED_MODEL
+
+from vitprune.errors import VitPruneError
+from vitprune.metrics.flops import count_macs
+from vitprune.models import BlockConfig, ViT, ViTConfig
+from vitprune.training import WeightMasks
+from vitprune.training.losses import kd_kl
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one intra-op thread is faster than two on a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _x(n: int = 2, size: int = 32, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture
+def dense() -> ViT:
+    torch.manual_seed(0)
+    cfg = ViTConfig.uniform(embed_dim=32, depth=2, heads=4, mlp_ratio=2.0, num_classes=10, img_size=32, patch_size=8)
+    return ViT(cfg).eval()
+
+
+# ------------------------------------------------------------------------------- plain module <-> our ViT
+@pytest.mark.parametrize("fused", [True, False])
+def test_plain_module_equals_dense_vit(dense, fused):
+    plain = T.timm_vit_from_vit(dense, fused=fused)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(_x()), dense(_x()), atol=1e-5, rtol=1e-5)
+    assert T.vit_from_timm_vit(plain, dense.config).config.blocks == dense.config.blocks
+
+
+def test_plain_module_refuses_ragged_or_gated(dense, ragged_config):
+    with pytest.raises(VitPruneError, match="dense uniform"):
+        T.timm_vit_from_vit(ViT(ragged_config))
+    dense.blocks[0].mlp.gate = torch.ones(64)
+    with pytest.raises(VitPruneError, match="gates"):
+        T.timm_vit_from_vit(dense)
+
+
+def _slice_head_dims(plain: T.TimmViT, keep: list[int]) -> None:
+    """Brute-force head-dim pruning: keep dims ``keep`` of every head in q, k, v and proj's input."""
+    for blk in plain.blocks:
+        a = blk.attn
+        h, hd, d = a.num_heads, a.head_dim, a.qkv.in_features
+        rows = [p * h * hd + i * hd + j for p in range(3) for i in range(h) for j in keep]
+        cols = [i * hd + j for i in range(h) for j in keep]
+        qkv, proj = torch.nn.Linear(d, len(rows)), torch.nn.Linear(len(cols), d)
+        with torch.no_grad():
+            qkv.weight.copy_(a.qkv.weight[rows])
+            qkv.bias.copy_(a.qkv.bias[rows])
+            proj.weight.copy_(a.proj.weight[:, cols])
+            proj.bias.copy_(a.proj.bias)
+        a.qkv, a.proj, a.head_dim = qkv, proj, len(keep)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_conversion_of_pruned_head_dims_keeps_the_scale_the_plain_module_uses(dense, fused):
+    plain = T.timm_vit_from_vit(dense, fused=fused)
+    _slice_head_dims(plain, [0, 2, 3, 6, 7])  # head_dim 8 -> 5
+    model = T.vit_from_timm_vit(plain, dense.config)
+    expected = 5**-0.5 if fused else 8**-0.5  # SDPA default on the fused path, the stored scale otherwise
+    assert all(b == BlockConfig(4, 5, 5, 64, scale=expected) for b in model.config.blocks)
+    with torch.no_grad():
+        torch.testing.assert_close(model(_x()), plain(_x()), atol=1e-5, rtol=1e-5)
+    # the reference: explicit softmax(q k^T * scale) v on block 0
+    a, blk = plain.blocks[0].attn, model.blocks[0].attn
+    x = torch.randn(1, 5, 32)
+    q, k, v = a.qkv(x).reshape(1, 5, 3, 4, 5).permute(2, 0, 3, 1, 4)
+    ref = a.proj((torch.softmax(q @ k.transpose(-2, -1) * expected, -1) @ v).transpose(1, 2).reshape(1, 5, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(blk(x), ref, atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------- Torch-Pruning
+needs_tp = pytest.mark.skipif(importlib.util.find_spec("torch_pruning") is None, reason="torch-pruning not installed")
+
+
+def _grads(plain: T.TimmViT) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, 10, (4,), generator=g)) for _ in range(2)]
+    return T.taylor_gradients(plain, batches)
+
+
+@needs_tp
+def test_taylor_gradients_sum_over_batches(dense):
+    plain = T.timm_vit_from_vit(dense)
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(3, 3, 32, 32, generator=g), torch.randint(0, 10, (3,), generator=g)) for _ in range(2)]
+    grads = T.taylor_gradients(plain, batches)
+    w = plain.head.weight
+    ref = sum(torch.autograd.grad(torch.nn.functional.cross_entropy(plain(x), y), w)[0] for x, y in batches)
+    torch.testing.assert_close(grads["head.weight"], ref, atol=1e-6, rtol=1e-5)
+    assert all(p.grad is None for p in plain.parameters())
+    with pytest.raises(VitPruneError, match="no batches"):
+        T.taylor_gradients(plain, [])
+
+
+@needs_tp
+@pytest.mark.parametrize(("importance", "scope"), [("l2", "uniform"), ("l2", "global"), ("taylor", "uniform")])
+def test_tp_prune_converts_with_equal_logits(dense, importance, scope):
+    plain = T.timm_vit_from_vit(dense)
+    before = {k: v.clone() for k, v in plain.state_dict().items()}
+    grads = _grads(plain) if importance == "taylor" else None
+    pruned = T.tp_prune(plain, importance, scope, 0.25, "dims", grads)
+    assert all(torch.equal(v, plain.state_dict()[k]) for k, v in before.items())  # the dense module is untouched
+    model = T.vit_from_timm_vit(pruned, dense.config)
+    assert T.max_logit_difference(pruned, model, 32) < 1e-5
+    c = model.config
+    assert count_macs(model)["total"] < count_macs(dense)["total"]
+    for blk, b in zip(pruned.blocks, c.blocks, strict=True):
+        assert b.heads == 4 and b.qk_dim == b.v_dim == blk.attn.head_dim
+        assert b.scale == pytest.approx(b.qk_dim**-0.5)  # SDPA default scale, as the TP example under timm
+    if scope == "uniform":  # 25 % of every group: embedding 32 -> 24, head dim 8 -> 6, MLP 64 -> 48
+        assert c.embed_dim == 24
+        assert all((b.qk_dim, b.mlp_dim) == (6, 48) for b in c.blocks)
+    # kept MLP neurons are rows of the dense fc1 restricted to the kept embedding channels (pure selection)
+    w_dense, w = plain.blocks[0].mlp.fc1.weight, pruned.blocks[0].mlp.fc1.weight
+    emb = [int((plain.cls_token[0, 0] == v).nonzero()[0]) for v in pruned.cls_token[0, 0]]
+    rows = _matching_rows(w_dense[:, emb], w)
+    assert len(set(rows)) == len(rows) == w.shape[0]
+    torch.testing.assert_close(w, w_dense[:, emb][rows], atol=0, rtol=0)
+
+
+def _matching_rows(full: torch.Tensor, sub: torch.Tensor) -> list[int]:
+    return [int((full - r).abs().sum(1).argmin()) for r in sub]
+
+
+@needs_tp
+def test_tp_prune_heads_mode_removes_whole_heads(dense):
+    pruned = T.tp_prune(T.timm_vit_from_vit(dense), "l2", "uniform", 0.25, "heads")
+    model = T.vit_from_timm_vit(pruned, dense.config)
+    assert all((b.heads, b.qk_dim) == (3, 8) for b in model.config.blocks)
+    assert T.max_logit_difference(pruned, model, 32) < 1e-5
+
+
+@needs_tp
+def test_tp_prune_rejects_bad_arguments(dense):
+    plain = T.timm_vit_from_vit(dense)
+    with pytest.raises(VitPruneError, match="gradients"):
+        T.tp_prune(plain, "taylor", "uniform", 0.2)
+    with pytest.raises(VitPruneError, match="scope"):
+        T.tp_prune(plain, "l2", "layer", 0.2)
+    with pytest.raises(VitPruneError, match="ratio"):
+        T.tp_prune(plain, "l2", "uniform", 1.0)
+
+
+def test_bisect_ratio_finds_the_closest_step():
+    steps = np.linspace(1.0, 0.0, 201)  # a step function: fraction drops by 0.005 every 0.005 of ratio
+
+    def frac(r: float) -> float:
+        return float(steps[min(int(r / 0.005), 200)])
+
+    ratio, f, trials = T.bisect_ratio(frac, 0.7, tol=0.0)
+    assert f == pytest.approx(0.7) and frac(ratio) == f
+    assert len(trials) <= 16
+    ratio, f, _ = T.bisect_ratio(frac, 0.7012, tol=0.0)
+    assert f == pytest.approx(0.7)  # closest reachable value
+    assert T.bisect_ratio(frac, 1.0)[0] == 0.0
+    with pytest.raises(VitPruneError, match="even pruning ratio"):
+        T.bisect_ratio(lambda r: 0.9, 0.5)
+
+
+@needs_tp
+def test_prune_to_macs_lands_on_target(dense):
+    model, plain, info = T.prune_to_macs(dense, T.timm_vit_from_vit(dense), 0.6, "l2", "uniform", tol=0.01)
+    frac = count_macs(model)["total"] / count_macs(dense)["total"]
+    assert frac == pytest.approx(info["macs_fraction"]) and abs(frac - 0.6) < 0.03
+    assert T.max_logit_difference(plain, model, 32) < 1e-5
+
+
+@needs_tp
+@pytest.mark.shared
+def test_real_model_round_trip_through_torch_pruning():
+    dense = S.load_dense(SHARED_MODEL / "model.safetensors")
+    plain = T.timm_vit_from_vit(dense)
+    assert T.max_logit_difference(plain, dense, 224, n=1) < 1e-4
+    pruned = T.tp_prune(plain, "l2", "uniform", 0.1)
+    model = T.vit_from_timm_vit(pruned, dense.config)
+    c = model.config  # TP keeps int(n * (1 - r)) of every group
+    assert (c.embed_dim, c.blocks[0].qk_dim, c.blocks[0].mlp_dim) == (int(192 * 0.9), int(64 * 0.9), int(768 * 0.9))
+    assert T.max_logit_difference(pruned, model, 224, n=1) < 1e-4
+
+
+# ------------------------------------------------------------------------------------------- recovery
+def test_budget_lr_closed_form():
+    lr, lo, w = 1e-3, 1e-5, 0.1
+    assert R.budget_lr(0.0, lr, lo, w) == 0.0
+    assert R.budget_lr(0.05, lr, lo, w) == pytest.approx(lr / 2)
+    assert R.budget_lr(w, lr, lo, w) == pytest.approx(lr)
+    assert R.budget_lr(w + (1 - w) / 2, lr, lo, w) == pytest.approx((lr + lo) / 2)
+    assert R.budget_lr(1.0, lr, lo, w) == pytest.approx(lo)
+    assert R.budget_lr(3.0, lr, lo, w) == pytest.approx(lo)
+    p = np.linspace(w, 1, 50)
+    vals = [R.budget_lr(float(x), lr, lo, w) for x in p]
+    assert all(a >= b for a, b in itertools.pairwise(vals))
+    assert R.budget_lr(0.5, lr, lo, 0.0) == pytest.approx(lo + (lr - lo) * 0.5 * (1 + math.cos(math.pi * 0.5)))
+
+
+def _loader(n: int = 64, bs: int = 8) -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    ds = TensorDataset(torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g))
+    return DataLoader(ds, batch_size=bs, shuffle=True, drop_last=True)
+
+
+def _kl(student: ViT, teacher: ViT) -> float:
+    x = _x(16, seed=5)
+    with torch.no_grad():
+        return float(kd_kl(student(x), teacher(x)))
+
+
+def test_recover_stops_on_images_and_distils(dense):
+    torch.manual_seed(1)
+    student = ViT(dense.config).eval()
+    kl0 = _kl(student, dense)
+    res = R.recover(student, dense, _loader(), budget_images=100, lr=3e-3, warmup_frac=0.1, grad_clip=0.0)
+    assert (res["images_seen"], res["steps"], res["stopped_by"]) == (96, 12, "images")  # 100 // 8 full batches
+    assert res["minutes"] > 0 and res["hyper"]["lr"] == 3e-3
+    assert _kl(student, dense) < 0.7 * kl0
+
+
+def test_recover_stops_on_minutes_and_anneals(dense):
+    student = ViT(dense.config)
+    sched = []
+    orig = R.BudgetSchedule.post_step
+
+    def spy(self, trainer, step):
+        orig(self, trainer, step)
+        sched.append(trainer.optimizer.param_groups[0]["lr"])
+
+    R.BudgetSchedule.post_step = spy
+    try:
+        res = R.recover(student, dense, _loader(), budget_images=10_000, budget_minutes=0.3 / 60, lr=1e-3, min_lr=0.0)
+    finally:
+        R.BudgetSchedule.post_step = orig
+    assert res["stopped_by"] == "minutes" and res["steps"] < 10_000 // 8
+    assert res["images_seen"] == 8 * res["steps"] and res["minutes"] >= 0.3 / 60
+    assert sched[-1] == pytest.approx(0.0, abs=1e-9)  # progress reached 1: fully annealed
+
+
+def test_recover_holds_masks_and_validates(dense):
+    student = ViT(dense.config)
+    w = student.blocks[0].mlp.fc1.weight
+    mask = torch.rand(w.shape, generator=torch.Generator().manual_seed(0)) > 0.5
+    R.recover(student, dense, _loader(), budget_images=24, masks=WeightMasks({"blocks.0.mlp.fc1.weight": mask}))
+    assert torch.all(student.blocks[0].mlp.fc1.weight[~mask] == 0)
+    with pytest.raises(VitPruneError, match="budget_images"):
+        R.recover(student, dense, _loader(), budget_images=0)
+    with pytest.raises(VitPruneError, match="budget_minutes"):
+        R.recover(student, dense, _loader(), budget_images=8, budget_minutes=0)
+
+
+def test_build_train_loader_augments_a_folder(tmp_path):
+    rng = np.random.default_rng(0)
+    for c in ("b", "a"):
+        (tmp_path / c).mkdir()
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(tmp_path / c / f"{i}.png")
+    (tmp_path / "classes.txt").write_text("b\na\n")
+    loader = R.build_train_loader(tmp_path, tmp_path / "classes.txt", batch_size=4, img_size=16)
+    batches = list(loader)
+    assert len(batches) == 1 and batches[0][0].shape == (4, 3, 16, 16)  # drop_last: 6 images -> one batch
+    assert batches[0][0].min() >= -1 and batches[0][0].max() <= 1  # (x - 0.5) / 0.5
+    assert loader.dataset.augment["random_resized_crop"]["scale"] == list(R.DEFAULTS["crop_scale"])
+    assert sorted(set(loader.dataset.targets)) == [0, 1] and loader.dataset.classes == ["b", "a"]
+    with pytest.raises(VitPruneError, match="fewer than one batch"):
+        R.build_train_loader(tmp_path, tmp_path / "classes.txt", batch_size=64, img_size=16)
+
+
+@needs_tp
+# ---------------------------------------------------------------------------------- structural helpers
+def test_describe_and_speed_side_by_side(dense):
+    small = T.vit_from_timm_vit(T.tp_prune(T.timm_vit_from_vit(dense), "l2", "uniform", 0.5), dense.config)
+    d = S.describe(small, count_macs(dense)["total"])
+    assert d["embed_dim"] == 16 and d["blocks"][0] == [4, 4, 4, 32] and 0 < d["macs_fraction"] < 0.5
+    res = S.speed_side_by_side({"dense": dense, "small": small}, batch_sizes=(4, 1), runs={4: 2, 1: 2}, warmup=1)
+    assert set(res) == {4, 1}
+    assert res[4]["models"]["dense"]["speedup"] == 1.0 and res[1]["batch_size"] == 1
+    assert "times_ms" not in res[4]["models"]["small"] and res[4]["models"]["small"]["speedup"] > 0
