@@ -231,3 +231,24 @@ def test_cli_oneshot_sweep_and_refusals(small_model, tmp_path, capsys):
     assert main([*base, "--overwrite", "--nm", "3:2"]) == 2
     assert "N:M" in capsys.readouterr().err
     assert main([*base, "--overwrite", "--method", "magic", "--sparsity", "0.5"]) == 2
+
+
+def test_marginal_criterion_minimises_summed_loss_on_convex_traces():
+    import itertools
+
+    from vitprune.pruners.obs import marginal_costs
+    from vitprune.scoring.obs import allocate_counts
+
+    g = torch.Generator().manual_seed(3)
+    inc = torch.rand(3, 4, generator=g).sort(dim=1).values * torch.tensor([[1.0], [3.0], [0.3]])
+    traces = inc.cumsum(1)  # convex cumulative losses
+    (counts,) = allocate_counts([marginal_costs(traces)], [5 / 12])
+    loss = sum(traces[i, k - 1].item() for i, k in enumerate(counts[0].tolist()) if k)
+    best = min(
+        sum(traces[i, k - 1].item() for i, k in enumerate(ks) if k)
+        for ks in itertools.product(range(5), repeat=3)
+        if sum(ks) == 5
+    )
+    assert loss == pytest.approx(best)
+    wavy = torch.tensor([[1.0, 1.5, 1.7, 3.0]])
+    assert torch.all(torch.diff(marginal_costs(wavy)) >= 0)

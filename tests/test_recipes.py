@@ -76,7 +76,7 @@ def test_packaged_recipes_load_and_cover_every_method():
 
 def test_paper_defaults_are_those_of_methods_md():
     ovit = load_recipe("ovit-deit-imagenet").settings
-    assert (ovit["block_size"], ovit["num_grads"], ovit["damp"]) == (192, 4096, 1e-8)
+    assert (ovit["block_size"], ovit["num_grads"], ovit["damp"], ovit["damp_absolute"]) == (192, 4096, 1e-8, True)
     assert ovit["schedule"] == [0.5, 0.6, 0.75, 0.9] and ovit["gradual"] is True
     assert load_recipe("vtp-deit-imagenet").settings["lambda"] == pytest.approx(1e-4)
     nvit = load_recipe("nvit-deit-imagenet").settings

@@ -131,6 +131,14 @@ def test_global_threshold_meets_target_like_brute_force(tiny_model, metric, targ
     assert measured == info["pruned_cost"]
 
 
+def test_global_threshold_spreads_exact_ties_evenly(tiny_model):
+    gates = attach_vtp_gates(tiny_model, ("qk", "v", "mlp"))  # untrained: every gate is exactly 1
+    gt = GlobalThreshold(tiny_model.config, gates, "params")
+    _, masks, _ = gt.select(0.6)
+    kept = [float(masks.get(key).float().mean()) for key in gates]
+    assert max(kept) - min(kept) <= 0.15  # every block loses about the same share, not block after block
+
+
 def test_global_threshold_rounding_keeps_multiples(tiny_model):
     gates = attach_vtp_gates(tiny_model, ("qk", "v", "mlp"))
     _randomise(gates, seed=5)

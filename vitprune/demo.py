@@ -66,7 +66,7 @@ class DemoConfig:
     round_to: int = 8  # structural widths rounded up to a multiple (hardware-friendly), all three methods
     obs_num_grads: int = 256  # per-sample gradients in the OBS Fisher
     obs_block_size: int = 64
-    obs_damp: float = 1e-7
+    obs_damp: float | None = None  # None: OBSConfig's default (relative to each layer's mean Fisher diagonal)
     eval_batch_size: int = 1000
     latency_batch: int = 256
     latency_runs: int = 20
@@ -407,9 +407,8 @@ class Demo:
 
         cfg = self.cfg
         if method == "obs":
-            obs_cfg = OBSConfig(
-                block_size=cfg.obs_block_size, num_grads=cfg.obs_num_grads, damp=cfg.obs_damp, max_memory_gb=2.0
-            )
+            damp = {} if cfg.obs_damp is None else {"damp": cfg.obs_damp}
+            obs_cfg = OBSConfig(block_size=cfg.obs_block_size, num_grads=cfg.obs_num_grads, max_memory_gb=2.0, **damp)
             results = prune_unstructured(self.dense, "obs", [cfg.sparsity], self._calibration_loader(), obs_cfg)
         else:
             results = prune_unstructured(self.dense, method, [cfg.sparsity], None)
@@ -417,7 +416,8 @@ class Demo:
         model = res.model.eval()
         one_shot = self._top1(model)
         rec = self._recover(model, res.masks)
-        info = {k: v for k, v in res.report.items() if k in ("sparsity", "block_size", "num_grads", "damp")}
+        keys = ("sparsity", "block_size", "num_grads", "damp", "damp_relative", "grad_mode", "allocation")
+        info = {k: v for k, v in res.report.items() if k in keys}
         self.extra[name] = {"pruner": info, "recovery": rec}
         self._row(name, model, UNSTRUCTURED, one_shot, train_steps=rec["steps"])
 
@@ -667,6 +667,14 @@ def _slug(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")
 
 
+def _damp_text(report: dict[str, Any]) -> str:
+    info = report["methods"].get("oViT/OBS", {}).get("pruner", {})
+    if "damp" not in info:
+        return "default damping"
+    kind = "x the mean Fisher diagonal" if info.get("damp_relative", False) else "(absolute)"
+    return f"damping {info['damp']:g} {kind}"
+
+
 def report_markdown(report: dict[str, Any]) -> str:
     cfg, lat, t = report["config"], report["latency"], report["timings"]
     m = report["machine"]
@@ -683,7 +691,7 @@ def report_markdown(report: dict[str, Any]) -> str:
         "unstructured zeros are still computed); **sparsity**: share of the dense model's qkv/proj/fc1/fc2 "
         "weights that are removed (structural) or exactly zero (unstructured).",
         f"- **latency / speed-up**: median of {lat['rounds']} round-robin runs of every model in one "
-        f"`compare_many` call (batch {lat['batch_size']}, {lat['device']}, {lat['threads']} threads, "
+        f"`compare_many` call (batch {lat['batch_size']}, {lat['device']}, torch threads {lat['threads']}, "
         f"{lat['dtype']}); speed-up = dense median / model median.",
         f"- **top-1**: on the Fashion-MNIST test set after the SAME recovery for every pruned model "
         f"({cfg['recovery_steps']} steps of distillation from the dense model, batch {cfg['batch_size']}, "
@@ -691,8 +699,7 @@ def report_markdown(report: dict[str, Any]) -> str:
         f"(NViT between pruning rounds, VTP sparsity training) + recovery.",
         f"- NViT targets {cfg['nvit_target_macs']:g} of the dense MACs; VTP and the L2-magnitude baseline target "
         f"the MACs NViT reached; oViT/OBS and global magnitude prune {cfg['sparsity']:g} of the prunable weights "
-        f"(OBS: {cfg['obs_num_grads']} per-sample gradients, block {cfg['obs_block_size']}, damp "
-        f"{cfg['obs_damp']:g}).",
+        f"(OBS: {cfg['obs_num_grads']} per-sample gradients, block {cfg['obs_block_size']}, {_damp_text(report)}).",
         "",
         "## Plots",
         "",
@@ -705,7 +712,7 @@ def report_markdown(report: dict[str, Any]) -> str:
     lines.append(f"| **total** | {t['total']['wall_s']:.1f} | {t['total']['cpu_s']:.1f} |")
     lines += [
         "",
-        f"- machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), "
+        f"- machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} (threads {m['torch_threads']}), "
         f"Python {m['python']}; load average at start {report['loadavg_start']}, at end {report['loadavg_end']} "
         "(other processes competing for the CPU inflate the wall times, not the CPU times).",
         f"- command: `{report.get('command', 'vitprune demo')}`; date (UTC): {report['date']}.",

@@ -456,7 +456,8 @@ def check_table(
     include_base: bool = True,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Predicted vs measured latency of ``base`` and ``num_archs`` random pruned versions of it.
+    """Predicted vs measured latency of ``base`` and ``num_archs`` random pruned versions of it (timed round
+    robin, the table's per-point statistic over ``runs`` rounds).
 
     Returns ``{"archs": [{"predicted_ms", "measured_ms", "rel_error", ...}...], "median_rel_error",
     "max_rel_error", "median_ratio_error", "max_ratio_error"}``; ``rel_error = |predicted - measured| / measured``;
@@ -473,14 +474,20 @@ def check_table(
     old = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
+    stat = STATS[table.meta.get("stat", "median")]
     try:
-        for cfg in tqdm(configs, desc="lut check", disable=not progress, dynamic_ncols=True):
-            model = ViT(cfg).to(dev, dtype).eval()
-            x = torch.randn(table.meta["batch_size"], cfg.in_chans, cfg.img_size, cfg.img_size).to(dev, dtype)
-            with torch.inference_mode():
-                measured = _time_ms(
-                    lambda model=model, x=x: model(x), dev, warmup, runs, table.meta.get("stat", "median")
-                )
+        models = [ViT(cfg).to(dev, dtype).eval() for cfg in configs]
+        x = torch.randn(table.meta["batch_size"], base.in_chans, base.img_size, base.img_size).to(dev, dtype)
+        times: list[list[float]] = [[] for _ in models]
+        with torch.inference_mode():
+            # round robin (every model once per round) so that machine drift affects all models alike
+            for r in tqdm(range(warmup + runs), desc="lut check", disable=not progress, dynamic_ncols=True):
+                for i, model in enumerate(models):
+                    t = _time_ms(lambda model=model: model(x), dev, 0, 1)
+                    if r >= warmup:
+                        times[i].append(t)
+        for cfg, t in zip(configs, times, strict=True):
+            measured = stat(t)
             predicted = table.predict(cfg)
             rows.append(
                 {

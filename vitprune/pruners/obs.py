@@ -65,6 +65,8 @@ class OBSConfig:
     mini-batch of the loader with ``'batch'``). ``damp``: ``lambda`` of ``F = lambda I + (1/m) sum g g^T``, as a
     fraction of the layer's mean Fisher diagonal when ``damp_relative`` (else absolute, as in the paper).
     ``fisher_labels``: ``'data'`` (empirical Fisher) or ``'model'`` (labels drawn from the model).
+    ``criterion``: the threshold is on each block's ``'cumulative'`` loss trace (paper) or on its ``'marginal'``
+    cost per removal (made non-decreasing), which minimises the summed loss when the traces are convex.
     ``max_memory_gb``: refuse (or, with ``allow_smaller_blocks``, shrink ``block_size``) when the Fisher
     inverse would exceed it. ``allocation``: ``'global'`` threshold over all layers or ``'layer'`` (uniform).
     """
@@ -78,6 +80,7 @@ class OBSConfig:
     fisher_mode: str = "accumulate"
     patterns: tuple[str, ...] = DEFAULT_PATTERNS
     allocation: str = "global"
+    criterion: str = "cumulative"
     nm: tuple[int, int] | None = None
     max_memory_gb: float | None = 8.0
     allow_smaller_blocks: bool = False
@@ -93,6 +96,8 @@ class OBSConfig:
             raise VitPruneError(f"fisher_mode must be one of {', '.join(FISHER_MODES)}, got {self.fisher_mode!r}")
         if self.allocation not in ("global", "layer"):
             raise VitPruneError(f"allocation must be 'global' or 'layer', got {self.allocation!r}")
+        if self.criterion not in ("cumulative", "marginal"):
+            raise VitPruneError(f"criterion must be 'cumulative' or 'marginal', got {self.criterion!r}")
         if self.greedy_dtype not in _DTYPES:
             raise VitPruneError(f"greedy_dtype must be float32 or float64, got {self.greedy_dtype!r}")
         if self.num_grads <= 0 or self.block_size <= 0 or self.chunk_blocks <= 0:
@@ -103,6 +108,13 @@ class OBSConfig:
             raise VitPruneError("the woodbury Fisher needs an absolute dampening (damp_relative=False)")
         if self.fisher_labels not in ("data", "model"):
             raise VitPruneError(f"fisher_labels must be 'data' or 'model', got {self.fisher_labels!r}")
+
+
+def marginal_costs(trace: Tensor) -> Tensor:
+    """Per-removal loss increments of cumulative traces ``(n, b)``, made non-decreasing (running max) so that
+    thresholding them still removes a prefix of every block's order."""
+    inc = torch.diff(trace, dim=1, prepend=torch.zeros_like(trace[:, :1]))
+    return torch.cummax(inc, dim=1).values
 
 
 def peak_rss_bytes() -> int:
@@ -268,7 +280,7 @@ class OBSPruner:
         flat_traces, groups = [], []
         for li, name in enumerate(self.names):
             for tr in self.layer_traces[name].traces:
-                flat_traces.append(tr)
+                flat_traces.append(marginal_costs(tr) if cfg.criterion == "marginal" else tr)
                 groups.append(li if cfg.allocation == "layer" else 0)
         counts = allocate_counts(flat_traces, targets, groups)
         self.timings["allocation_s"] = time.perf_counter() - t0

@@ -243,8 +243,8 @@ def architecture_cost(config: ViTConfig, metric: str, img_size: int | None = Non
 class GlobalThreshold:
     """One global ordering of every gated unit by ``|a|`` (ascending) and the masks of its prefixes.
 
-    ``masks(k)`` removes the ``k`` smallest-|a| units (ties broken by a fixed order: block kinds by block, then
-    ``emb``); the largest-|a| embedding channel is never a candidate, so at least one channel stays. With
+    ``masks(k)`` removes the ``k`` smallest-|a| units (exact ties are spread evenly over the gate vectors); the
+    largest-|a| embedding channel is never a candidate, so at least one channel stays. With
     ``round_to`` every kept QK / V / MLP / embedding width is rounded up to a multiple (the best removed units
     come back, see :func:`vitprune.structures.round_masks`). The cost of ``masks(k)`` is non-increasing in ``k``.
     """
@@ -261,7 +261,7 @@ class GlobalThreshold:
             raise VitPruneError(f"unknown target metric {metric!r} (expected one of {', '.join(METRICS)})")
         self.config, self.metric, self.round_to, self.img_size = config, metric, round_to, img_size
         self.scores = {k: v.detach().abs().reshape(-1).float().cpu() for k, v in scores.items()}
-        cands, vals = [], []
+        cands, vals, fracs = [], [], []
         for key, s in self.scores.items():
             kind, b = parse_key(key)
             if s.numel() != unit_count(config, kind, b):
@@ -271,8 +271,12 @@ class GlobalThreshold:
                 cand = cand[cand != int(torch.argmax(s))]
             cands.append(cand)
             vals.append(s[cand])
+            fracs.append((cand.double() + 0.5) / s.numel())
         values = torch.cat(vals) if vals else torch.zeros(0)
-        order = torch.sort(values, stable=True).indices
+        # ascending |a|; exact ties go round-robin over the gate vectors (by relative position j / n), so tied
+        # gates (e.g. untrained ones) are removed evenly from every block instead of block after block
+        by_position = torch.argsort(torch.cat(fracs) if fracs else torch.zeros(0), stable=True)
+        order = by_position[torch.sort(values[by_position], stable=True).indices]
         self.sorted_values = values[order]
         self.num_candidates = int(values.numel())
         ranks = torch.empty_like(order)

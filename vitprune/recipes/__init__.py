@@ -147,6 +147,8 @@ SCHEMAS: dict[str, dict[str, Field]] = {
         "block_size": _pos_int(),
         "num_grads": _pos_int(),
         "damp": Field("float", 0.0, low_open=True, nullable=True),
+        "damp_absolute": Field("bool"),
+        "fisher_labels": Field("str", choices=("data", "model")),
         "grad_mode": Field("str", choices=("per_sample", "batch")),
         "fisher_mode": Field("str", choices=("accumulate", "woodbury")),
         "allocation": Field("str", choices=("global", "layer")),
