@@ -71,15 +71,16 @@ def unit_norms(model) -> dict[str, torch.Tensor]:
     return out
 
 
-def uniform_magnitude(model, target: float):
-    """Same kept fraction of QK / V / MLP units in every block (lowest norm removed), largest fraction <= target."""
+def uniform_magnitude(model, target: float, round_to: int = 1):
+    """Same kept fraction of QK / V / MLP units in every block (lowest norm removed, widths rounded up to a
+    multiple of ``round_to``), the largest fraction whose MACs are <= target."""
     norms = unit_norms(model)
     dense = count_macs(model.config)["total"]
 
     def masks_for(frac: float) -> StructuralMasks:
         m = StructuralMasks.all_kept(model.config)
         for key, s in norms.items():
-            keep = max(1, math.ceil(frac * s.numel()))
+            keep = min(s.numel(), max(1, math.ceil(frac * s.numel() / round_to)) * round_to)
             mask = torch.zeros(s.numel(), dtype=torch.bool)
             mask[torch.argsort(s, descending=True)[:keep]] = True
             kind = key.split(".")[2]
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--gate-lr", type=float, default=1e-2, help="0: gates through the Trainer's AdamW only")
     ap.add_argument("--finetune-lr", type=float, default=1e-4)
-    ap.add_argument("--round-to", type=int, default=None)
+    ap.add_argument("--round-to", type=int, default=8, help="round kept widths up to a multiple (0: off)")
     ap.add_argument("--train-per-class", type=int, default=100, help="training images per class (<= 100)")
     ap.add_argument("--val-per-class", type=int, default=25, help="val images per class (25 = all 5,000)")
     ap.add_argument("--latency-batch", type=int, default=16)
@@ -172,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
                 lr=args.lr,
                 gate_lr=args.gate_lr if args.gate_lr > 0 else None,
                 finetune_lr=args.finetune_lr,
-                round_to=args.round_to,
+                round_to=args.round_to if args.round_to > 0 else None,
                 grad_clip=1.0,
                 seed=args.seed,
                 log_every=max(1, sparsity_steps // 10),
@@ -181,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
             t_run = time.perf_counter()
             small, report = pruner.prune(model, loader, eval_fn=eval_fn)
             wall = time.perf_counter() - t_run
-        uniform = uniform_magnitude(model, target)
+        uniform = uniform_magnitude(model, target, args.round_to or 1)
         uni_eval = eval_fn(uniform)
         lat = compare_latency(model, small, batch_size=args.latency_batch, runs=args.latency_runs, warmup=2)
         row = {
@@ -249,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         f"images ({args.val_per_class} per class). Budget per target: {budget['images_seen']} training images "
         f"({budget['sparsity_steps']} sparsity + {budget['finetune_steps']} fine-tuning steps of {args.batch_size}), "
         f"limited by {budget['limited_by']} (measured step {budget['measured_step_s']} s); lambda {args.lam:g}, "
-        f"gate lr {args.gate_lr:g}, lr {args.lr:g}, gates {args.gates}.\n\n"
+        f"gate lr {args.gate_lr:g}, lr {args.lr:g}, gates {args.gates}, widths rounded to {args.round_to or 1}.\n\n"
         + markdown_table(headers, rows)
         + "\n\nPer-block widths after pruning:\n"
         + dims

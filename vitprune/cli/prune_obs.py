@@ -98,6 +98,7 @@ def cmd_obs(args: argparse.Namespace) -> int:
             fisher_labels=args.fisher_labels,
             fisher_mode=args.fisher_mode,
             allocation=args.allocation,
+            criterion=args.criterion,
             nm=nm,
             max_memory_gb=args.max_memory_gb if args.max_memory_gb > 0 else None,
             allow_smaller_blocks=args.auto_block_size,
@@ -268,6 +269,12 @@ def register_prune(methods: argparse._SubParsersAction) -> None:
     o.add_argument("--grad-mode", choices=("per_sample", "batch"), default="per_sample")
     o.add_argument("--fisher-mode", choices=("accumulate", "woodbury"), default="accumulate")
     o.add_argument("--allocation", choices=("global", "layer"), default="global", help="sparsity over all layers")
+    o.add_argument(
+        "--criterion",
+        choices=("cumulative", "marginal"),
+        default=OBSConfig.criterion,
+        help="threshold on each block's cumulative OBS loss (paper) or on the cost per removal",
+    )
     o.add_argument("--max-memory-gb", type=float, default=8.0, help="refuse a bigger Fisher inverse (0: no limit)")
     o.add_argument("--auto-block-size", action="store_true", help="shrink B to fit --max-memory-gb instead of failing")
     o.add_argument("--calib-images", type=int, default=None, help="calibration images (default: --num-grads)")

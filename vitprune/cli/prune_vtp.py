@@ -64,7 +64,7 @@ def cmd_vtp(args: argparse.Namespace) -> int:
         distill_alpha=args.distill_alpha,
         distill_temperature=args.distill_temperature,
         label_smoothing=args.label_smoothing,
-        round_to=args.round_to,
+        round_to=args.round_to if args.round_to > 0 else None,
         img_size=args.img_size,
         seed=args.seed,
         ckpt_every=args.ckpt_every,
@@ -168,7 +168,7 @@ def register_prune(methods: argparse._SubParsersAction) -> None:
     v.add_argument("--lr", type=float, default=1e-4, help="learning rate of the weights in sparsity training")
     v.add_argument("--gate-lr", type=float, default=1e-2, help="extra AdamW step on the gates; 0: none (paper)")
     v.add_argument("--finetune-lr", type=float, default=1e-4)
-    v.add_argument("--round-to", type=int, default=None, help="round kept QK/V/MLP/emb widths up to a multiple")
+    v.add_argument("--round-to", type=int, default=8, help="round kept QK/V/MLP/emb widths up to a multiple (0: off)")
     tr = p.add_argument_group("training")
     tr.add_argument("--batch-size", type=int, default=64, help="global batch size")
     tr.add_argument("--min-lr", type=float, default=1e-6)

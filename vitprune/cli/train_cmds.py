@@ -157,14 +157,14 @@ def _finish(model, args, trainer: Trainer, summary: dict[str, Any], meta: dict[s
 
 # ---------------------------------------------------------------------------------------------- train
 TRAIN_DEFAULTS = {
-    "epochs": 8,
-    "batch_size": 128,
-    "lr": 2e-3,
+    "epochs": 15,
+    "batch_size": 64,
+    "lr": 3e-3,
     "min_lr": 1e-5,
     "weight_decay": 0.05,
-    "warmup_steps": 300,
+    "warmup_steps": 500,
     "grad_clip": 1.0,
-    "label_smoothing": 0.1,
+    "label_smoothing": 0.0,
     "randaugment": "none",
     "hflip": 0.5,
 }

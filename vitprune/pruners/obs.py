@@ -170,6 +170,7 @@ class OBSPruner:
                     f"woodbury Fisher needs {cfg.num_grads} gradients but the data gives {available} "
                     "(lower --num-grads or use the accumulate mode)"
                 )
+        self.fisher, self.layer_traces = None, {}  # free the previous estimate before allocating a new one
         t0 = time.perf_counter()
         self.fisher = FisherInverses.create(
             {n: lin.weight.numel() for n, lin in linears.items()},
@@ -335,6 +336,7 @@ class OBSPruner:
             "target": target,
             "nm": f"{cfg.nm[0]}:{cfg.nm[1]}" if cfg.nm else None,
             "allocation": cfg.allocation,
+            "criterion": cfg.criterion,
             **self.info,
             "timings_s": {**self.timings, "update_s": update_s},
             "peak_rss_bytes": peak_rss_bytes(),

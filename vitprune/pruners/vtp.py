@@ -451,7 +451,7 @@ class VTPConfig:
     distill_alpha: float = 1.0  # 1: pure distillation from the dense model (no labels needed)
     distill_temperature: float = 1.0
     label_smoothing: float = 0.0
-    round_to: int | None = None  # kept QK/V/MLP/emb widths rounded up to a multiple
+    round_to: int | None = 8  # kept QK/V/MLP/emb widths rounded up to a multiple (None: off), as NViT
     img_size: int | None = None  # image size the MACs are counted at (default: the model's)
     seed: int = 0
     ckpt_every: int = 0

@@ -21,10 +21,10 @@ ASSET_NAME = "fashion_mnist_vit"
 # Architecture of the shipped model: several heads, MLP ratio 4, width a multiple of 8.
 DEFAULT_ARCH: dict[str, Any] = {
     "embed_dim": 64,
-    "depth": 4,
+    "depth": 6,
     "heads": 4,
     "mlp_ratio": 4.0,
-    "patch_size": 4,
+    "patch_size": 7,
     "global_pool": "token",
 }
 
