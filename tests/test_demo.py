@@ -202,6 +202,9 @@ def test_demo_failure_writes_nothing(tmp_path, demo_model_args, capsys):
     )
     assert code == 2
     assert "Fashion-MNIST not found" in capsys.readouterr().err
+    code = main(["demo", "--quick", "--quiet", "--out", str(out), "--sparsity", "1.5", *demo_model_args])
+    assert code == 2
+    assert "sparsity must be in (0, 1), got 1.5" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == [p for p in tmp_path.iterdir() if p.name == "fm_model"]
 
 

@@ -52,8 +52,8 @@ STRUCTURAL, UNSTRUCTURED = "structural", "unstructured"
 class DemoConfig:
     """Budgets of one demo run. :meth:`quick` is the test-sized variant."""
 
-    nvit_target_macs: float = 0.5  # NViT keeps this fraction of the dense MACs; VTP and L2 match what it reached
-    sparsity: float = 0.7  # unstructured sparsity of the qkv / proj / fc1 / fc2 weights (OBS and GM)
+    nvit_target_macs: float = 0.4  # NViT keeps this fraction of the dense MACs; VTP and L2 match what it reached
+    sparsity: float = 0.8  # unstructured sparsity of the qkv / proj / fc1 / fc2 weights (OBS and GM)
     batch_size: int = 128  # every training and calibration batch
     recovery_steps: int = 150  # SAME distillation recovery for every pruned model
     recovery_lr: float = 5e-4
@@ -539,38 +539,25 @@ def format_table(rows: Sequence[dict[str, Any]], markdown: bool = False) -> str:
     return "\n".join([fmt(head), fmt(["-" * w for w in widths]), *map(fmt, body)])
 
 
-_STYLE = {"-": ("black", "*"), STRUCTURAL: ("#1f77b4", "o"), UNSTRUCTURED: ("#d62728", "s")}
+# one colour and marker per method (circles/diamonds/triangles: structural, squares/plus: unstructured)
+_METHOD_STYLE = {
+    "dense": ("black", "*", 180),
+    "NViT": ("#1f77b4", "o", 70),
+    "VTP": ("#ff7f0e", "D", 55),
+    "L2 magnitude": ("#2ca02c", "^", 70),
+    "oViT/OBS": ("#d62728", "s", 65),
+    "global magnitude": ("#9467bd", "P", 80),
+}
+_FALLBACK = [("#8c564b", "v", 70), ("#e377c2", "X", 70), ("#7f7f7f", "h", 70), ("#bcbd22", "<", 70)]
 
 
-def _place_labels(fig, ax, points: list[tuple[float, float, str]], obstacles: list[tuple[float, float]]) -> None:
-    """Annotate each (x, y, text) next to its point, moving a label up or down until it overlaps no other label
-    and no marker (display coordinates)."""
-    from matplotlib.transforms import Bbox
-
-    fig.canvas.draw()
-    renderer = fig.canvas.get_renderer()
-    taken = []
-    for ox, oy in obstacles:
-        px, py = ax.transData.transform((ox, oy))
-        taken.append(Bbox.from_extents(px - 6, py - 6, px + 6, py + 6))
-    for x, y, text in sorted(points, key=lambda p: -p[1]):
-        for dy in (4, -14, 14, -24, 24, -34, 34, -44, 44):
-            leader = {"arrowstyle": "-", "color": "grey", "lw": 0.6} if abs(dy) > 14 else None
-            label = ax.annotate(
-                text, (x, y), textcoords="offset points", xytext=(7, dy), fontsize=9, va="bottom", arrowprops=leader
-            )
-            box = label.get_window_extent(renderer)
-            if not any(box.overlaps(t) for t in taken):
-                break
-            label.remove()
-        else:
-            label = ax.annotate(text, (x, y), textcoords="offset points", xytext=(7, 4), fontsize=9, va="bottom")
-            box = label.get_window_extent(renderer)
-        taken.append(box)
+def _style(name: str, i: int) -> tuple[str, str, float]:
+    return _METHOD_STYLE.get(name, _FALLBACK[i % len(_FALLBACK)])
 
 
 def plot_top1(rows: Sequence[dict[str, Any]], x_key: str, xlabel: str, title: str, path: Path) -> None:
-    """Scatter of top-1 after recovery (filled) and one-shot (hollow, arrow to the recovered point) vs ``x_key``."""
+    """Top-1 after recovery (filled marker) and one-shot (hollow, arrow to the recovered point) vs ``x_key``;
+    one colour and marker per method, named in the legend (labels next to points collide when points cluster)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -578,35 +565,30 @@ def plot_top1(rows: Sequence[dict[str, Any]], x_key: str, xlabel: str, title: st
 
     fig, ax = plt.subplots(figsize=(9.0, 5.0))
     scale = 1e3 if x_key == "params_nonzero" else 1.0
-    points, obstacles = [], []
-    for r in rows:
-        color, marker = _STYLE[r["type"]]
+    xs, ys = [], []
+    for i, r in enumerate(rows):
+        color, marker, size = _style(r["method"], i)
         x, y = r[x_key] / scale, r["top1"]
+        xs.append(x)
+        ys.append(y)
+        kind = "" if r["type"] == "-" else f" ({r['type']})"
+        ax.scatter([x], [y], s=size, marker=marker, color=color, alpha=0.9, zorder=3, label=r["method"] + kind)
         if r.get("top1_one_shot") is not None:
             y0 = r["top1_one_shot"]
-            ax.scatter([x], [y0], s=45, marker=marker, facecolors="none", edgecolors=color, linewidths=1.2, zorder=2)
-            ax.annotate("", xy=(x, y), xytext=(x, y0), arrowprops={"arrowstyle": "->", "color": color, "lw": 0.8})
-            obstacles.append((x, y0))
-        ax.scatter([x], [y], s=110 if r["type"] == "-" else 60, marker=marker, color=color, zorder=3)
-        points.append((x, y, r["method"]))
-        obstacles.append((x, y))
-    legend = (("dense", "-"), ("structural", STRUCTURAL), ("unstructured", UNSTRUCTURED))
-    handles = [
-        plt.Line2D([], [], color=_STYLE[k][0], marker=_STYLE[k][1], linestyle="", label=lab) for lab, k in legend
-    ]
-    hollow = {"marker": "o", "markerfacecolor": "none", "linestyle": ""}
-    handles.append(plt.Line2D([], [], color="grey", label="one-shot\n(before recovery)", **hollow))
+            ys.append(y0)
+            ax.scatter([x], [y0], s=size, marker=marker, facecolors="none", edgecolors=color, linewidths=1.3, zorder=2)
+            ax.annotate("", xy=(x, y), xytext=(x, y0), arrowprops={"arrowstyle": "->", "color": color, "lw": 0.9})
+    handles, _ = ax.get_legend_handles_labels()
+    hollow = {"marker": "o", "markerfacecolor": "none", "linestyle": "", "markersize": 8}
+    handles.append(plt.Line2D([], [], color="grey", label="hollow: one-shot,\nbefore recovery", **hollow))
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, borderaxespad=0.0)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("top-1 on the Fashion-MNIST test set (%)")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    xs = [x for x, _, _ in points]
-    ax.set_xlim(0, max(xs) * 1.3)
-    ys = [y for _, y in obstacles]
-    ax.set_ylim(max(0.0, min(ys) - 5), min(101.0, max(ys) + 4))
+    ax.set_xlim(0, max(xs) * 1.1)
+    ax.set_ylim(max(0.0, min(ys) - 3), min(101.0, max(ys) + 2))
     fig.tight_layout()
-    _place_labels(fig, ax, points, obstacles)
     with atomic_path(path, overwrite=True) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)

@@ -13,7 +13,7 @@ from vitprune.errors import VitPruneError
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from vitprune.demo import DEFAULT_OUT, format_table, run_demo, summary_json
+    from vitprune.demo import DEFAULT_OUT, DemoConfig, format_table, run_demo, summary_json
     from vitprune.training.runinfo import command_line
 
     if args.threads is not None:
@@ -26,11 +26,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
         model = load_model(args.model)
     out = args.out or DEFAULT_OUT
+    config = DemoConfig.quick() if args.quick else DemoConfig()
+    if args.target_macs is not None:
+        config.nvit_target_macs = args.target_macs
+    if args.sparsity is not None:
+        config.sparsity = args.sparsity
     log = (lambda msg: print(msg, file=sys.stderr)) if not args.quiet else (lambda msg: None)
     report = run_demo(
         out,
         overwrite=args.overwrite,
         quick=args.quick,
+        config=config,
         model=model,
         data_root=args.data,
         log=log,
@@ -77,6 +83,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true", help="tiny budgets and data subsets (seconds; for tests)")
     p.add_argument("--json", action="store_true", help="print the table rows as JSON instead of the table")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    p.add_argument(
+        "--target-macs", type=float, default=None, help="structural methods keep this fraction of the MACs (0.4)"
+    )
+    p.add_argument("--sparsity", type=float, default=None, help="unstructured methods' sparsity (0.8)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--data", default=None, metavar="DIR", help="Fashion-MNIST IDX folder (default: Debian's)")
     p.add_argument(
