@@ -29,7 +29,10 @@ bisection trial.
 
 Dependency (benchmark only, see benchmarks/requirements.txt): ``pip install --no-deps torch-pruning==1.6.1``.
 
-    python benchmarks/tp_baseline.py --macs 0.7 --val-limit-per-class 5 --recover-minutes 0
+    python benchmarks/tp_baseline.py --macs 0.7 --val-limit-per-class 5 --recover-minutes 0   # quick, one-shot
+    python benchmarks/tp_baseline.py --recover-minutes 30 --recover-images 30000   # the full side-by-side run
+
+The recovery (``--recover-minutes`` > 0) is :func:`_recovery.recover`, the budget every benchmark shares.
 """
 
 from __future__ import annotations

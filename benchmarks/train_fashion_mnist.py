@@ -70,6 +70,7 @@ def summarize(run: Path) -> dict:
         "loadavg_start": meta.get("loadavg_start"),
         "loadavg_during": meta.get("loadavg_during"),
         "loadavg_end": meta.get("loadavg_end"),
+        "training_config": summary.get("config"),
         "trained_at": meta.get("date"),
         "training_machine": meta.get("machine"),
     }
@@ -77,33 +78,41 @@ def summarize(run: Path) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--from-run", type=Path, default=None, help="summarise this finished run instead")
+    parser.add_argument(
+        "--from-run",
+        type=Path,
+        action="append",
+        default=None,
+        help="summarise this finished run instead (repeat to compare runs; the first is the headline)",
+    )
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench_fashion_mnist")
     parser.add_argument("train_args", nargs="*", help="extra `vitprune train` arguments (after --)")
     args = parser.parse_args()
-    run = args.from_run
-    if run is None:
-        run = args.out
-        code = vitprune_main(["train", "--out", str(run), "--overwrite", "--no-progress", *args.train_args])
+    runs = args.from_run
+    if runs is None:
+        runs = [args.out]
+        code = vitprune_main(["train", "--out", str(args.out), "--overwrite", "--no-progress", *args.train_args])
         if code:
             return code
-    rec = summarize(run)
-    t = rec["test"] or {}
-    load = rec["loadavg_during"] or {}
-    rows = [
-        [
-            "{embed_dim}d/{depth}L/{heads}h/p{patch_size}".format(**rec["architecture"]),
-            rec["params"],
-            f"{rec['weights_bytes'] / 1e6:.2f} MB",
-            f"{rec['macs_per_image'] / 1e6:.1f} M" if rec["macs_per_image"] else "n/a",
-            rec["epochs"],
-            t.get("top1"),
-            rec["train_wall_s"],
-            rec["train_cpu_s"],
-            rec["torch_threads"],
-            load.get("mean_1min"),
-        ]
-    ]
+    records = [summarize(run) for run in runs]
+    rows = []
+    for rec in records:
+        t = rec["test"] or {}
+        load = rec["loadavg_during"] or {}
+        rows.append(
+            [
+                "{embed_dim}d/{depth}L/{heads}h/p{patch_size}".format(**rec["architecture"]),
+                rec["params"],
+                f"{rec['weights_bytes'] / 1e6:.2f} MB",
+                f"{rec['macs_per_image'] / 1e6:.1f} M" if rec["macs_per_image"] else "n/a",
+                rec["epochs"],
+                t.get("top1"),
+                rec["train_wall_s"],
+                rec["train_cpu_s"],
+                rec["torch_threads"],
+                load.get("mean_1min"),
+            ]
+        )
     headers = [
         "model",
         "params",
@@ -116,15 +125,19 @@ def main() -> int:
         "threads",
         "load avg (1 min, mean)",
     ]
-    curve = ", ".join(f"ep {p['epoch']}: {p['top1']:.2f}" for p in rec["accuracy_curve"] if p["top1"] is not None)
-    md = (
-        "# Default model: ViT from scratch on Fashion-MNIST\n\n"
-        + markdown_table(headers, rows)
-        + f"\n\n- training command: `{rec['train_command']}`\n"
-        + (f"- test top-1 during training: {curve}\n" if curve else "")
-        + "- wall time is of a 2-core machine shared with other jobs: the 1-minute load average during training is"
-        " recorded (2.0 = both cores busy with other work); CPU time is this process's own.\n"
+    md = "# Default model: ViT from scratch on Fashion-MNIST\n\n" + markdown_table(headers, rows) + "\n\n"
+    for rec in records:
+        curve = ", ".join(f"ep {p['epoch']}: {p['top1']:.2f}" for p in rec["accuracy_curve"] if p["top1"] is not None)
+        c = rec["training_config"] or {}
+        recipe = ", ".join(f"{k} {c.get(k)}" for k in ("batch_size", "lr", "warmup_steps", "label_smoothing"))
+        md += f"- `{rec['train_command']}` ({recipe})"
+        md += (f"; test top-1 during training: {curve}" if curve else "") + "\n"
+    md += (
+        "- wall time is of a 2-core machine shared with other jobs: the 1-minute load average during training is"
+        " recorded (2.0 = both cores busy); CPU time is the training process's own (one thread: about the wall"
+        " time it would take alone on one core).\n"
     )
+    rec = {"headline": records[0], "runs": records}
     write_results("train_fashion_mnist", rec, md)
     print(md)
     return 0

@@ -15,7 +15,7 @@ SHARED = Path(os.environ.get("VITPRUNE_SHARED", REPO.parent / "shared"))
 SHARED_MODEL = SHARED / "models" / "vit_tiny_patch16_224.tinyimagenet200"
 SHARED_DATA = SHARED / "data" / "tiny-imagenet-200"
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+torch.set_num_threads(1)  # small test models: one thread is fastest and deterministic
 
 
 def pytest_collection_modifyitems(config, items):

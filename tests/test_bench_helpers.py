@@ -154,6 +154,19 @@ def _matching_rows(full: torch.Tensor, sub: torch.Tensor) -> list[int]:
 
 
 @needs_tp
+def test_tp_prune_on_the_non_fused_path_keeps_the_original_scale(dense):
+    pruned = T.tp_prune(T.timm_vit_from_vit(dense, fused=False), "l2", "uniform", 0.25)
+    model = T.vit_from_timm_vit(pruned, dense.config)
+    assert all((b.qk_dim, b.scale) == (6, 8**-0.5) for b in model.config.blocks)
+    assert T.max_logit_difference(pruned, model, 32) < 1e-5
+    example = T.with_scale(model, "example", dense.config)
+    assert all(b.scale == pytest.approx(6**-0.5) for b in example.config.blocks)
+    assert T.with_scale(example, "original", dense.config).config == model.config
+    with pytest.raises(VitPruneError, match="scale mode"):
+        T.with_scale(model, "pruned", dense.config)
+
+
+@needs_tp
 def test_tp_prune_heads_mode_removes_whole_heads(dense):
     pruned = T.tp_prune(T.timm_vit_from_vit(dense), "l2", "uniform", 0.25, "heads")
     model = T.vit_from_timm_vit(pruned, dense.config)
