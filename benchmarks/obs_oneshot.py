@@ -26,6 +26,7 @@ from vitprune.data import ImageFolderDataset, build_eval_transform, make_loader
 from vitprune.metrics import evaluate
 from vitprune.models.checkpoints import load_model
 from vitprune.pruners.baselines import prune_baseline
+from vitprune.pruners.calibration import find_linears
 from vitprune.pruners.obs import OBSConfig, OBSPruner, peak_rss_bytes
 
 DENSE_TOP1_FULL_VAL = 69.46
@@ -57,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--damp-absolute", action="store_true")
     ap.add_argument("--fisher-labels", default="data", choices=["data", "model"])
     ap.add_argument("--latency", action="store_true", help="also time CSR linears vs dense (batch 8)")
+    ap.add_argument("--criterion", default=OBSConfig.criterion, choices=["cumulative", "marginal"])
+    ap.add_argument("--also-marginal", action="store_true", help="also report OBS with the other criterion")
     ap.add_argument("--grad-batch", type=int, default=16)
     ap.add_argument("--allocation", default="global", choices=["global", "layer"])
     ap.add_argument("--val-stride", type=int, default=2, help="evaluate on every k-th val image (2 -> 2,500)")
@@ -113,6 +116,12 @@ def main(argv: list[str] | None = None) -> int:
                 "sparsity": res.report["sparsity"],
                 "layer_sparsity": {k: round(v, 4) for k, v in res.report["layer_sparsity"].items()},
             }
+        if args.also_marginal:  # same Fisher and traces, the other allocation criterion
+            pruner.config.criterion = "marginal" if pruner.config.criterion == "cumulative" else "cumulative"
+            label = f"obs-{pruner.config.criterion}"
+            for t, res in pruner.models_for(args.targets).items():
+                models[(label, t)] = res.model
+                results.setdefault(label, {})[f"{t:.2f}"] = {"sparsity": res.report["sparsity"]}
         del pruner, sweep
     else:
         obs_pass = None
@@ -155,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
         from vitprune.metrics.latency import compare_latency
 
         for t in args.targets:
-            csr, names = convert_to_csr(models[("obs", t)], min_sparsity=0.0)
+            pruned_names = list(find_linears(models[("obs", t)]))
+            csr, names = convert_to_csr(models[("obs", t)], min_sparsity=0.0, names=pruned_names)
             r = compare_latency(models[("obs", t)], csr, batch_size=8, runs=5, warmup=2)
             latency[f"{t:.2f}"] = {
                 "dense_ms": r["a"]["median_ms"],
@@ -165,14 +175,15 @@ def main(argv: list[str] | None = None) -> int:
             }
             print(f"CSR {t:.2f}: {latency[f'{t:.2f}']}", flush=True)
 
-    methods = [m for m in args.methods if m in results]
+    methods = [m for m in args.methods if m in results] + [m for m in results if m.startswith("obs-")]
     rows = []
     for t in args.targets:
         key = f"{t:.2f}"
         rows.append([f"{100 * t:.0f} %", *[results[m][key]["top1"] for m in methods]])
     obs_best = (
         all(
-            results["obs"][f"{t:.2f}"]["top1"] > max(results[m][f"{t:.2f}"]["top1"] for m in methods if m != "obs")
+            results["obs"][f"{t:.2f}"]["top1"]
+            > max(results[m][f"{t:.2f}"]["top1"] for m in methods if not m.startswith("obs"))
             for t in args.targets
         )
         if "obs" in results and len(methods) > 1

@@ -252,3 +252,18 @@ def test_marginal_criterion_minimises_summed_loss_on_convex_traces():
     assert loss == pytest.approx(best)
     wavy = torch.tensor([[1.0, 1.5, 1.7, 3.0]])
     assert torch.all(torch.diff(marginal_costs(wavy)) >= 0)
+
+
+def test_cli_gradual_and_resume(small_model, tmp_path, capsys):
+    save(small_model, tmp_path / "model")
+    data = _image_folder(tmp_path / "data")
+    out = tmp_path / "grad"
+    args = ["prune", "obs", str(tmp_path / "model"), "--data", str(data), "--out", str(out), "--gradual"]
+    args += ["--schedule", "0.3", "0.5", "--steps-per-level", "1", "--train-batch-size", "4", "--num-grads", "8"]
+    args += ["--block-size", "32", "--batch-size", "4", "--val", str(data), "--no-progress", "--distill-alpha", "0.5"]
+    assert main(args) == 0
+    report = json.loads((out / "gradual_report.json").read_text())
+    assert [lv["target"] for lv in report["levels"]] == [0.3, 0.5]
+    assert (out / "level_1_s0.50" / "best" / "model" / "config.json").is_file()
+    assert main(args) == 2 and "--resume" in capsys.readouterr().err
+    assert main([*args, "--resume"]) == 0  # finished levels are reloaded

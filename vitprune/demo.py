@@ -501,7 +501,7 @@ COLUMNS = (
     ("macs", "MACs/img"),
     ("sparsity", "sparsity"),
     ("latency_ms", "latency ms"),
-    ("speedup", "speed-up"),
+    ("speedup", "speed-up [p10, p90]"),
     ("top1_one_shot", "top-1 one-shot %"),
     ("top1", "top-1 %"),
     ("train_steps", "train steps"),
@@ -517,7 +517,11 @@ def _cell(row: dict[str, Any], key: str) -> str:
     if key == "sparsity":
         return f"{100 * v:.1f} %"
     if key == "speedup":
-        return "-" if v is None else f"{v:.2f}x"
+        if v is None:
+            return "-"
+        if row["method"] == "dense" or row.get("speedup_p10") is None:
+            return f"{v:.2f}x"
+        return f"{v:.2f}x [{row['speedup_p10']:.2f}, {row['speedup_p90']:.2f}]"
     if key == "latency_ms":
         return "-" if v is None else f"{v:.2f}"
     if key in ("top1", "top1_one_shot"):
@@ -674,7 +678,8 @@ def report_markdown(report: dict[str, Any]) -> str:
         "weights that are removed (structural) or exactly zero (unstructured).",
         f"- **latency / speed-up**: median of {lat['rounds']} round-robin runs of every model in one "
         f"`compare_many` call (batch {lat['batch_size']}, {lat['device']}, torch threads {lat['threads']}, "
-        f"{lat['dtype']}); speed-up = dense median / model median.",
+        f"{lat['dtype']}); speed-up = dense median / model median, with the 10th and 90th percentiles of the "
+        "per-round ratios (adjacent runs: machine drift cancels; a wide interval means a busy machine).",
         f"- **top-1**: on the Fashion-MNIST test set after the SAME recovery for every pruned model "
         f"({cfg['recovery_steps']} steps of distillation from the dense model, batch {cfg['batch_size']}, "
         f"lr {cfg['recovery_lr']:g}); *one-shot* is before recovery. **train steps** = steps inside the method "

@@ -69,7 +69,7 @@ def cmd_obs(args: argparse.Namespace) -> int:
         schedule = args.schedule or args.sparsity
         if not schedule:
             raise VitPruneError("--gradual needs --schedule (or --sparsity) levels, e.g. 0.5 0.6 0.75 0.9")
-        out = Path(args.out)
+        out = check_writable_target(args.out, overwrite=True)  # parent writable; existing handled below
         if out.exists() and not (args.resume or args.overwrite):
             raise VitPruneError(f"output exists: {out} (use --resume to continue it or --overwrite to replace it)")
         if out.exists() and args.overwrite and not args.resume:

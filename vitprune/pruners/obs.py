@@ -74,7 +74,7 @@ class OBSConfig:
     block_size: int = 128
     num_grads: int = 1024
     grad_mode: str = "per_sample"
-    damp: float = 0.1
+    damp: float = 0.3
     damp_relative: bool = True
     fisher_labels: str = "data"
     fisher_mode: str = "accumulate"
