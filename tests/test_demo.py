@@ -127,7 +127,7 @@ def test_counting_helpers(tiny_model):
                 "macs": 5,
                 "sparsity": 0.0,
                 "top1": 50.0,
-                "top1_one_shot": None,
+                "top1_before_recovery": None,
                 "train_steps": 0,
             }
         ]

@@ -51,7 +51,7 @@ def test_per_sample_gradients_match_torch_func(small_model):
     from torch.func import functional_call, grad, vmap
 
     x, y = _data(n=5, batch=5)[0]
-    names = ["blocks.0.attn.qkv", "blocks.1.mlp.fc2"]
+    names = ["blocks.1.mlp.fc2", "blocks.0.attn.qkv"]  # not in execution order
     params = {k: v.detach() for k, v in small_model.named_parameters()}
 
     def loss(p, xi, yi):

@@ -7,8 +7,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
 from vitprune.errors import VitPruneError
 
 
@@ -16,10 +14,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from vitprune.demo import DEFAULT_OUT, DemoConfig, format_table, run_demo, summary_json
     from vitprune.training.runinfo import command_line
 
-    if args.threads is not None:
-        if args.threads <= 0:
-            raise VitPruneError(f"--threads must be positive, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    if args.threads is not None and args.threads <= 0:
+        raise VitPruneError(f"--threads must be positive, got {args.threads}")
     model = None
     if args.model:
         from vitprune.models.checkpoints import load_model
@@ -31,6 +27,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         config.nvit_target_macs = args.target_macs
     if args.sparsity is not None:
         config.sparsity = args.sparsity
+    if args.threads is not None:
+        config.threads = args.threads
     log = (lambda msg: print(msg, file=sys.stderr)) if not args.quiet else (lambda msg: None)
     report = run_demo(
         out,
@@ -87,7 +85,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--target-macs", type=float, default=None, help="structural methods keep this fraction of the MACs (0.4)"
     )
     p.add_argument("--sparsity", type=float, default=None, help="unstructured methods' sparsity (0.8)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1: the model is tiny)")
     p.add_argument("--data", default=None, metavar="DIR", help="Fashion-MNIST IDX folder (default: Debian's)")
     p.add_argument(
         "--model", default=None, help="another 28x28 grey, 10-class model instead of the shipped one (vitprune dir)"

@@ -13,20 +13,13 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from vitprune.cli import _common as C
 from vitprune.errors import VitPruneError
 from vitprune.training import distributed as D
 from vitprune.training.engine import TrainConfig, Trainer
 from vitprune.training.runinfo import LoadSampler, command_line, loadavg, machine_info, utc_now
 from vitprune.training.sampler import EpochSampler
 from vitprune.utils.fs import check_writable_target
-
-
-def _pair(text: str) -> tuple[float, float]:
-    try:
-        lo, hi = (float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected two numbers 'LO,HI', got {text!r}") from None
-    return lo, hi
 
 
 def add_training_args(p: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
@@ -92,10 +85,7 @@ def config_from_args(args: argparse.Namespace, **extra: Any) -> TrainConfig:
 def _setup_runtime(args: argparse.Namespace) -> torch.device:
     from vitprune.utils.device import resolve_device
 
-    if args.threads is not None:
-        if args.threads <= 0:
-            raise VitPruneError(f"--threads must be positive, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    C.set_threads(args.threads)
     device = D.setup_distributed(resolve_device(args.device))
     if args.export and D.rank() == 0:
         check_writable_target(args.export, overwrite=args.overwrite)
@@ -118,12 +108,6 @@ def _train_loader(dataset, args: argparse.Namespace, drop_last: bool = True) -> 
         persistent_workers=args.workers > 0,
         generator=torch.Generator().manual_seed(args.seed),
     )
-
-
-def _eval_loader(dataset, batch_size: int, workers: int) -> DataLoader:
-    from vitprune.data.imagefolder import make_loader
-
-    return make_loader(dataset, batch_size, workers=workers, shuffle=False, distributed=D.is_distributed())
 
 
 def _finish(model, args, trainer: Trainer, summary: dict[str, Any], meta: dict[str, Any], t0: float) -> int:
@@ -189,7 +173,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     train_set = FashionMNIST(args.data_root, "train", transform=transform, limit=args.limit)
     test_set = FashionMNIST(args.data_root, "test", limit=args.test_limit)
-    test_loader = _eval_loader(test_set, 500, 0)
+    test_loader = C.eval_loader(test_set, 500, 0)
     seed_everything(args.seed)
     model = ViT(cfg)
     sampler = LoadSampler(every=max(args.log_every, 1))
@@ -242,55 +226,23 @@ def register_train(sub: argparse._SubParsersAction) -> None:
 
 
 # ------------------------------------------------------------------------------------------- finetune
-FINETUNE_DEFAULTS = {
-    "epochs": 1,
-    "batch_size": 64,
-    "lr": 1e-4,
-    "min_lr": 1e-6,
-    "weight_decay": 0.05,
-    "warmup_steps": 20,
-    "grad_clip": 1.0,
-    "label_smoothing": 0.0,
-    "randaugment": "none",
-    "hflip": 0.5,
-}
+FINETUNE_DEFAULTS = {**TRAIN_DEFAULTS, "epochs": 1, "lr": 1e-4, "min_lr": 1e-6, "warmup_steps": 20}
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from vitprune.data.imagefolder import ImageFolderDataset
     from vitprune.data.transforms import eval_transform_for
-    from vitprune.metrics.evaluate import evaluate
     from vitprune.models.checkpoints import load_model
     from vitprune.models.vit import num_params
-    from vitprune.training.augment import build_train_transform
 
     t0 = time.perf_counter()
     load_start = loadavg()
     device = _setup_runtime(args)
     model = load_model(args.model, preset=args.arch_preset)
-    teacher = load_model(args.teacher, preset=args.arch_preset) if args.teacher else None
-    if teacher is not None and teacher.config.num_classes != model.config.num_classes:
-        raise VitPruneError(
-            f"teacher has {teacher.config.num_classes} classes but the model has {model.config.num_classes}"
-        )
+    teacher = C.load_teacher(args, model)
     ev = eval_transform_for(model.config.preprocess, default=args.preset, img_size=args.img_size)
-    train_tf = build_train_transform(
-        ev.img_size,
-        mean=ev.mean,
-        std=ev.std,
-        scale=args.crop_scale,
-        hflip=args.hflip,
-        randaugment=args.randaugment,
-        interpolation=ev.interpolation if ev.interpolation in ("bilinear", "bicubic", "nearest") else "bilinear",
-    )
-    train_set = ImageFolderDataset(args.data, train_tf, args.classes, args.limit_per_class)
-    if train_set.num_classes > model.config.num_classes:
-        raise VitPruneError(f"{args.data} has {train_set.num_classes} classes, the model {model.config.num_classes}")
-    eval_fn = None
-    if args.val:
-        val_set = ImageFolderDataset(args.val, ev, args.classes, args.val_limit_per_class)
-        val_loader = _eval_loader(val_set, args.eval_batch_size, args.workers)
-        eval_fn = lambda m: evaluate(m, val_loader, device=device, progress=False)  # noqa: E731
+    train_tf = C.train_transform_for(ev, scale=args.crop_scale, hflip=args.hflip, randaugment=args.randaugment)
+    train_set = C.load_train_set(args, model, train_tf)
+    eval_fn = C.val_eval_fn(args, ev, device)
     before = None
     if eval_fn is not None and not args.resume and not args.skip_eval_before:
         before = eval_fn(model.to(device))
@@ -336,16 +288,10 @@ def register_finetune(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("model", help="model to fine-tune (vitprune dir, timm .pth/.safetensors, Hugging Face dir)")
     p.add_argument("--teacher", default=None, help="teacher model for distillation")
-    p.add_argument("--data", required=True, help="training images: DIR/<class>/<image>")
-    p.add_argument("--val", default=None, help="validation images, evaluated before and after")
-    p.add_argument("--classes", default=None, help="file whose line i names output i")
-    p.add_argument("--preset", default="shared", help="preprocessing preset when the model records none")
-    p.add_argument("--arch-preset", default=None, help="architecture preset for bare timm weights")
-    p.add_argument("--img-size", type=int, default=None)
-    p.add_argument("--crop-scale", type=_pair, default=(0.35, 1.0), help="RandomResizedCrop area range LO,HI")
-    p.add_argument("--limit-per-class", type=int, default=None)
-    p.add_argument("--val-limit-per-class", type=int, default=None)
-    p.add_argument("--eval-batch-size", type=int, default=64)
+    C.add_data_args(p, val_help="validation images, evaluated before and after", classes_last=True)
+    C.add_preprocess_args(p)
+    C.add_crop_scale_arg(p)
+    C.add_limit_args(p, limit_help=None)
     p.add_argument("--skip-eval-before", action="store_true", help="do not evaluate before fine-tuning")
     p.add_argument("--distill-alpha", type=float, default=1.0, help="weight of the distillation term")
     p.add_argument("--distill-temperature", type=float, default=1.0)

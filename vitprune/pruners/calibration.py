@@ -110,30 +110,33 @@ def _sample_labels(logits: Tensor, gen: torch.Generator) -> Tensor:
 
 
 def _per_sample_grads(model, linears, names, images, labels, loss_fn, sampler=None) -> dict[str, Tensor]:
-    inputs: list[Tensor] = []
-    outputs: list[Tensor] = []
+    inputs: dict[str, list[Tensor]] = {n: [] for n in names}
+    outputs: dict[str, list[Tensor]] = {n: [] for n in names}
 
-    def hook(_mod, args, out):
-        inputs.append(args[0].detach())
-        outputs.append(out)
+    def make_hook(name: str):
+        def hook(_mod, args, out):
+            inputs[name].append(args[0].detach())
+            outputs[name].append(out)
 
-    handles = [m.register_forward_hook(hook) for m in linears]
+        return hook
+
+    handles = [m.register_forward_hook(make_hook(n)) for n, m in zip(names, linears, strict=True)]
     try:
         with torch.enable_grad():
             x = images.detach().requires_grad_(True)  # makes every linear output part of the graph
             logits = model(x)
+            if any(len(v) != 1 for v in outputs.values()):
+                raise VitPruneError("a prunable linear was called more or less than once per forward pass")
             labels = sampler(logits) if sampler is not None else labels
             loss = loss_fn(logits, labels) * logits.shape[0] if loss_fn else _default_loss(logits, labels, "sum")
-            dys = torch.autograd.grad(loss, outputs)
+            dys = torch.autograd.grad(loss, [outputs[n][0] for n in names])
     finally:
         for h in handles:
             h.remove()
-    if len(inputs) != len(linears):
-        raise VitPruneError("a prunable linear was called more or less than once per forward pass")
     b = images.shape[0]
     out = {}
-    for name, xin, dy in zip(names, inputs, dys, strict=True):
-        xin = xin.reshape(b, -1, xin.shape[-1])
+    for name, dy in zip(names, dys, strict=True):
+        xin = inputs[name][0].reshape(b, -1, inputs[name][0].shape[-1])
         dy = dy.reshape(b, -1, dy.shape[-1])
         out[name] = torch.bmm(dy.transpose(1, 2), xin).reshape(b, -1)
     return out

@@ -37,6 +37,9 @@ def atomic_path(path: str | os.PathLike, overwrite: bool = False, is_dir: bool =
         fd, name = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
         os.close(fd)
         tmp = Path(name)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, (0o777 if is_dir else 0o666) & ~umask)  # mkdtemp/mkstemp create private 0700/0600 paths
     try:
         yield tmp
         if target.exists():
