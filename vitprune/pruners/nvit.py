@@ -44,6 +44,7 @@ from vitprune.metrics.flops import block_macs, block_params, count_macs, count_p
 from vitprune.models.config import BlockConfig, ViTConfig
 from vitprune.models.io import save as io_save
 from vitprune.models.vit import ViT
+from vitprune.pruners.recovery import DistillTrainingSettings
 from vitprune.reports import arch_summary, plot_block_dims, write_json_report
 from vitprune.scoring.hessian import MODES, HessianSaliency, compute_saliency
 from vitprune.structures.groups import unit_key
@@ -62,7 +63,7 @@ STATE_NAME = "nvit_state.pt"
 
 
 @dataclass
-class NViTConfig:
+class NViTConfig(DistillTrainingSettings):
     """Settings of one NViT run (see the module docstring)."""
 
     target: float = 0.5  # kept fraction of the dense cost, in (0, 1]
@@ -76,24 +77,7 @@ class NViTConfig:
     latency_weight: float = 1.0  # eta as a multiple of median(I) / median(dLat) of the first round; 0: off
     eta: float | None = None  # an explicit eta (saliency per ms) instead of latency_weight
     min_emb: int | None = None  # embedding channels never pruned below this (default: one EMB chunk)
-    round_to: int | None = 8  # kept QK / V / MLP / emb widths rounded up to a multiple (None: off)
     train_steps_between: int = 0  # distillation steps after each removal round (not after the last)
-    finetune_steps: int = 0  # distillation steps of the smaller model
-    lr: float = 1e-4
-    finetune_lr: float = 1e-4
-    min_lr: float = 1e-6
-    weight_decay: float = 0.05
-    warmup_steps: int = 0
-    grad_clip: float = 1.0
-    amp: str = "none"
-    distill_alpha: float = 1.0
-    distill_temperature: float = 1.0
-    label_smoothing: float = 0.0
-    img_size: int | None = None
-    seed: int = 0
-    ckpt_every: int = 0
-    log_every: int = 50
-    progress: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.target, (int, float)) or not 0 < self.target <= 1:
@@ -135,27 +119,9 @@ class NViTConfig:
 
     def train_config(self, phase: str, resume: bool = False, overwrite: bool = False) -> TrainConfig:
         """Trainer settings of ``phase`` ("between" pruning rounds or "finetune")."""
-        steps = self.train_steps_between if phase == "between" else self.finetune_steps
-        lr = self.lr if phase == "between" else self.finetune_lr
-        return TrainConfig(
-            steps=max(steps, 1),
-            lr=lr,
-            min_lr=min(self.min_lr, lr),
-            weight_decay=self.weight_decay,
-            warmup_steps=self.warmup_steps,
-            grad_clip=self.grad_clip,
-            amp=self.amp,
-            distill_alpha=self.distill_alpha,
-            distill_temperature=self.distill_temperature,
-            label_smoothing=self.label_smoothing,
-            seed=self.seed,
-            ckpt_every=self.ckpt_every if phase == "finetune" else 0,
-            log_every=self.log_every,
-            progress=self.progress,
-            resume=resume,
-            overwrite=overwrite,
-            tensorboard=False,
-        )
+        if phase == "between":
+            return self.trainer_config(self.train_steps_between, self.lr, 0, resume, overwrite)
+        return self.trainer_config(self.finetune_steps, self.finetune_lr, self.ckpt_every, resume, overwrite)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -59,6 +59,7 @@ from vitprune.models.io import attach_gate, is_model_dir
 from vitprune.models.io import load as io_load
 from vitprune.models.io import save as io_save
 from vitprune.models.vit import ViT
+from vitprune.pruners.recovery import DistillTrainingSettings
 from vitprune.reports import arch_summary, plot_block_dims, write_json_report
 from vitprune.structures.groups import parse_key, unit_count, unit_key
 from vitprune.structures.masks import StructuralMasks, apply_masks, architecture_after
@@ -431,7 +432,7 @@ class GateLogHook:
 
 # --------------------------------------------------------------------------------------------- pipeline
 @dataclass
-class VTPConfig:
+class VTPConfig(DistillTrainingSettings):
     """Settings of one VTP run (see :class:`VTPPruner`)."""
 
     target: float = 0.7  # kept fraction of the dense cost, in (0, 1]
@@ -442,21 +443,7 @@ class VTPConfig:
     finetune_steps: int = 1000
     lr: float = 1e-4  # every weight during sparsity training
     gate_lr: float | None = 1e-2  # extra AdamW on the gates; None: the Trainer's optimizer alone (as the paper)
-    finetune_lr: float = 1e-4
-    min_lr: float = 1e-6
-    weight_decay: float = 0.05
-    warmup_steps: int = 0
     grad_clip: float = 0.0
-    amp: str = "none"
-    distill_alpha: float = 1.0  # 1: pure distillation from the dense model (no labels needed)
-    distill_temperature: float = 1.0
-    label_smoothing: float = 0.0
-    round_to: int | None = 8  # kept QK/V/MLP/emb widths rounded up to a multiple (None: off), as NViT
-    img_size: int | None = None  # image size the MACs are counted at (default: the model's)
-    seed: int = 0
-    ckpt_every: int = 0
-    log_every: int = 50
-    progress: bool = True
 
     def __post_init__(self) -> None:
         self.gates = _check_kinds(self.gates)
@@ -479,26 +466,9 @@ class VTPConfig:
 
     def train_config(self, phase: str, resume: bool = False, overwrite: bool = False) -> TrainConfig:
         """The Trainer settings of ``phase`` ("sparsity" or "finetune"); a 0-step phase is skipped by the caller."""
-        steps = self.sparsity_steps if phase == "sparsity" else self.finetune_steps
-        lr = self.lr if phase == "sparsity" else self.finetune_lr
-        return TrainConfig(
-            steps=max(steps, 1),
-            lr=lr,
-            min_lr=min(self.min_lr, lr),
-            weight_decay=self.weight_decay,
-            warmup_steps=self.warmup_steps,
-            grad_clip=self.grad_clip,
-            amp=self.amp,
-            distill_alpha=self.distill_alpha,
-            distill_temperature=self.distill_temperature,
-            label_smoothing=self.label_smoothing,
-            seed=self.seed,
-            ckpt_every=self.ckpt_every,
-            log_every=self.log_every,
-            progress=self.progress,
-            resume=resume,
-            overwrite=overwrite,
-        )
+        if phase == "sparsity":
+            return self.trainer_config(self.sparsity_steps, self.lr, self.ckpt_every, resume, overwrite)
+        return self.trainer_config(self.finetune_steps, self.finetune_lr, self.ckpt_every, resume, overwrite)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
