@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from vitprune.errors import VitPruneError
+from vitprune.recipes import add_recipe_option
 
 CLASSES_FILE = "classes.txt"
 
@@ -306,3 +307,4 @@ def register_prune(methods: argparse._SubParsersAction) -> None:
     r.add_argument("--seed", type=int, default=0, help="calibration subset and training order")
     r.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_obs)
+    add_recipe_option(p, "obs")
