@@ -121,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--name", default="vtp_prune")
+    ap.add_argument("--save-dir", default=None, help="save each fine-tuned model under this folder")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -205,6 +206,10 @@ def main(argv: list[str] | None = None) -> int:
             "sparsity": report.get("sparsity"),
             "finetune": report.get("finetune"),
         }
+        if args.save_dir:
+            from vitprune.models import save
+
+            save(small, f"{args.save_dir}/vtp-macs-{target:g}-recovered", overwrite=True, meta={"vtp_prune": row})
         results.append(row)
         print(
             f"target {target:.2f}: MACs {row['macs_fraction']:.3f}, params {row['params_fraction']:.3f}, top-1 "

@@ -321,3 +321,11 @@ def test_cli_latency_target_with_lut(tmp_path, capsys):
     assert report["pruned"]["fraction"]["latency_pred"] <= 0.7 + 1e-9
     assert report["eta"] is not None and report["lut"]["batch_size"] == 2
     assert "of LUT latency" in capsys.readouterr().out
+
+
+def test_frozen_input_model_is_scored_and_left_frozen():
+    """A model whose parameters do not require grad (e.g. after evaluation tooling froze it) still prunes."""
+    model = _model(2).requires_grad_(False)
+    _, report = NViTPruner(target_macs=0.7, prune_steps=2, batches_per_step=1, progress=False).prune(model, _data())
+    assert report["pruned"]["fraction"]["macs"] <= 0.7
+    assert not any(p.requires_grad for p in model.parameters())  # the caller's flags are restored

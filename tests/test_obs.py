@@ -193,3 +193,44 @@ def test_prefix_mask():
     order = torch.tensor([[2, 0, 1], [1, 2, 0]])
     mask = prefix_mask(order, torch.tensor([2, 0]), 3)
     assert mask.tolist() == [[True, False, True], [False, False, False]]
+
+
+def test_tiny_absolute_damping_raises_clear_error_instead_of_crashing():
+    """Regression: an absolute damp of 1e-8 on O(1) gradients made the float32 Fisher indefinite (the inverse has
+    negative diagonal entries); the greedy then picked a removed weight twice and crashed in its compaction with
+    ``shape '[64, 32]' is invalid``. It must raise a VitPruneError naming the dampening instead."""
+    from vitprune.errors import VitPruneError
+    from vitprune.scoring.fisher import FisherInverses
+
+    g = torch.Generator().manual_seed(0)
+    numels = {"qkv": 64 * 48, "proj": 16 * 48, "fc1": 32 * 48}
+    grads = {k: torch.randn(16, n, generator=g) for k, n in numels.items()}
+    weights = {k: torch.randn(n, generator=g).view(-1, 48) for k, n in numels.items()}
+    tiny = FisherInverses.create(numels, 48, 16, 1e-8)
+    sane = FisherInverses.create(numels, 48, 16, 0.3, relative=True)
+    for est in (tiny, sane):
+        est.add(grads)
+        est.finalize()
+    with pytest.raises(VitPruneError, match="damp"):
+        for name, w in weights.items():
+            greedy_obs(w, tiny[name].blocks[0], dtype=torch.float32, factors=True)
+    for name, w in weights.items():  # the same gradients with a sane dampening work
+        res = greedy_obs(w, sane[name].blocks[0], dtype=torch.float32, factors=True)
+        assert torch.equal(res.order.sort(dim=1).values, torch.arange(48).expand(w.shape[0], 48))
+        assert torch.isfinite(res.trace).all() and torch.isfinite(res.weights).all()
+
+
+def test_indefinite_inverse_with_positive_diagonal_warns_not_crashes():
+    """Indefiniteness that only shows in the downdated pivots is reported too (never a duplicate removal)."""
+    g = torch.Generator().manual_seed(1)
+    q, _ = torch.linalg.qr(torch.randn(4, 24, 24, generator=g, dtype=torch.float64))
+    eigs = torch.ones(4, 24, dtype=torch.float64)
+    eigs[:, :3] = -0.05
+    finv = q @ torch.diag_embed(eigs) @ q.transpose(1, 2)
+    assert bool((finv.diagonal(dim1=1, dim2=2) > 0).all())
+    w = torch.randn(4, 24, generator=g, dtype=torch.float64)
+    for compact_every in (1, 4, 1000):
+        with pytest.warns(RuntimeWarning, match="damp"):
+            res = greedy_obs(w, finv, compact_every=compact_every, factors=True)
+        for row in res.order:  # every weight removed exactly once
+            assert sorted(row.tolist()) == list(range(24))

@@ -500,7 +500,7 @@ class NViTPruner:
         if eval_fn is not None:
             report["dense"]["eval"] = _eval(eval_fn, model)
 
-        student = copy.deepcopy(model).to(self.device)
+        student = copy.deepcopy(model).to(self.device).requires_grad_(True)  # a frozen input model still gets scored
         teacher = teacher.to(self.device).eval()
         masks = StructuralMasks.all_kept(dense)
         history: list[dict[str, Any]] = []

@@ -18,10 +18,13 @@ Formulas (Hassibi & Stork 1993, "Optimal Brain Surgeon", eqs. 4-5; oViT/CAP sect
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from vitprune.errors import VitPruneError
 
 
 def obs_saliency(w: Tensor, finv_diag: Tensor) -> Tensor:
@@ -82,9 +85,19 @@ def greedy_obs(
     size a multiple of M); ``steps`` then defaults to ``b * (M - N) / M``.
     ``finv`` is not modified (a working copy in ``dtype`` is downdated). ``factors=True`` also records what
     :func:`replay_prefix` needs to rebuild the weights after any prefix of the order (see :class:`GreedyTrace`).
+
+    ``finv`` must be positive definite: every diagonal entry, and every pivot ``[F_k^-1]_qq`` met on the way,
+    is positive in exact arithmetic. A non-positive or non-finite diagonal entry means the dampening ``lambda``
+    is too small for the precision of the Fisher estimate (e.g. an absolute ``1e-8`` on large gradients): that
+    raises :class:`~vitprune.errors.VitPruneError` naming the dampening. Non-positive pivots met later (round-off
+    deep into a block) give a ``RuntimeWarning``; the removal order stays valid (no weight is picked twice).
     """
     n, b = w.shape
     dev = w.device
+    diag = finv.diagonal(dim1=-2, dim2=-1)
+    bad = ~(torch.isfinite(diag) & (diag > 0))
+    if bool(bad.any()):
+        _raise_indefinite(f"{int(bad.sum())} of {diag.numel()} diagonal entries of F^-1 are <= 0 or not finite")
     f = finv.to(dtype=dtype, copy=True)
     cur = w.to(dtype=dtype, copy=True)
     idx = torch.arange(b, device=dev).expand(n, b).clone()  # original position of each working column
@@ -103,6 +116,8 @@ def greedy_obs(
     rows = torch.arange(n, device=dev)
     total = torch.zeros(n, dtype=dtype, device=dev)
     tiny = torch.finfo(dtype).tiny
+    huge = torch.finfo(dtype).max
+    bad_pivots = torch.zeros((), dtype=torch.long, device=dev)
     since = 0
     fac = torch.zeros(n, steps, b, dtype=dtype, device=dev) if factors else None
     alphas = torch.zeros(n, steps, dtype=dtype, device=dev) if factors else None
@@ -117,6 +132,8 @@ def greedy_obs(
             removed = torch.zeros(n, r, dtype=torch.bool, device=dev)
             since = 0
         rho = cur.pow(2) / (2.0 * f.diagonal(dim1=1, dim2=2).clamp_min(tiny))
+        # overflowing / NaN saliencies stay finite so that argmin can never fall on a removed weight (inf)
+        rho = torch.nan_to_num(rho, nan=huge, posinf=huge)
         rho.masked_fill_(removed, float("inf"))
         if prio is not None:
             rho.masked_fill_(prio & ~removed, -1.0)
@@ -127,6 +144,7 @@ def greedy_obs(
         cost = rho[rows, q].clamp_min(0.0)
         col = f[rows, :, q]  # (n, r) = F^-1[:, q] (symmetric)
         d = col[rows, q]
+        bad_pivots += (~(torch.isfinite(d) & (d > 0))).sum()
         safe = torch.where(d > 0, d, torch.ones_like(d))
         coef = torch.where(d > 0, cur[rows, q] / safe, torch.zeros_like(d))
         if fac is not None:
@@ -135,7 +153,7 @@ def greedy_obs(
             alphas[:, step] = torch.where(d > 0, cur[rows, q] / root, 0.0)
         cur.sub_(coef[:, None] * col)
         cur[rows, q] = 0.0
-        f.baddbmm_(col[:, :, None], (col / safe[:, None])[:, None, :], alpha=-1.0)
+        f.baddbmm_(col[:, :, None], torch.where(d[:, None] > 0, col / safe[:, None], 0.0)[:, None, :], alpha=-1.0)
         f[rows, q, :] = 0.0
         f[rows, :, q] = 0.0
         removed[rows, q] = True
@@ -146,8 +164,24 @@ def greedy_obs(
         total += cost
         order[:, step] = orig
         trace[:, step] = total
+    if int(bad_pivots):  # round-off late in a long removal can do this: warn, the order stays valid
+        warnings.warn(
+            f"OBS greedy removal: {int(bad_pivots)} of {n * steps} pivots [F^-1]_qq were <= 0 or not finite (those"
+            " removals got no compensating update); the Fisher inverse is numerically indefinite: a larger damp"
+            " helps",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     weights = torch.zeros(n, b, dtype=dtype, device=dev).scatter_(1, idx, cur)
     return GreedyTrace(order=order, trace=trace, weights=weights.to(w.dtype), factors=fac, alphas=alphas)
+
+
+def _raise_indefinite(what: str) -> None:
+    raise VitPruneError(
+        f"OBS greedy removal: the Fisher inverse is not positive definite ({what}). The dampening lambda is too "
+        "small for the precision of the Fisher estimate (e.g. an absolute damp such as 1e-8); use a larger "
+        "--damp or the default relative dampening (damp_relative=True, no --damp-absolute)"
+    )
 
 
 @torch.no_grad()
