@@ -83,7 +83,12 @@ def main(argv: list[str] | None = None) -> int:
 
     if "obs" in args.methods:
         cfg = OBSConfig(
-            block_size=args.block_size, num_grads=args.num_grads, damp=args.damp, allocation=args.allocation
+            block_size=args.block_size,
+            num_grads=args.num_grads,
+            damp=args.damp,
+            damp_relative=not args.damp_absolute,
+            criterion=args.criterion,
+            allocation=args.allocation,
         )
         pruner = OBSPruner(model, cfg)
         t0 = time.perf_counter()

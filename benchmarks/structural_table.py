@@ -40,9 +40,11 @@ def collect_rows(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[s
     """One row per pruned model: method, config, target, MACs/params, top-1 one-shot / recovered, budget, model dir."""
     rows: list[dict[str, Any]] = []
     dense: dict[str, Any] = {}
-    nvit = _load(args.nvit)
-    if nvit:
-        dense = nvit["dense"]
+    for stem in args.nvit:
+        nvit = _load(stem)
+        if not nvit:
+            continue
+        dense = dense or nvit["dense"]
         for r in nvit["results"]:
             rec = r.get("recovery") or {}
             tgt = f"{r['metric']} {r['target']:g}"
@@ -89,13 +91,19 @@ def collect_rows(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[s
                 }
             )
     vtp = _load(args.vtp)
+    if vtp is None:  # an interrupted vtp_prune.py run: the models it finished carry their row in meta.json
+        metas = sorted(Path(args.models).glob("vtp-macs-*-recovered/meta.json"))
+        results = [json.loads(m.read_text())["vtp_prune"] for m in metas]
+        if results:
+            vtp = {"budget": {"images_seen": None}, "results": results, "args": {"lam": None, "gates": None}}
+            vtp["dense"] = {"eval": {"n": None}}
     if vtp:
         b = vtp["budget"]
         for r in vtp["results"]:
             rows.append(
                 {
                     "method": "VTP (vitprune)",
-                    "config": f"lambda {vtp['args']['lam']:g}, gates {vtp['args']['gates']}",
+                    "config": f"lambda {vtp['args']['lam']}, gates {vtp['args']['gates']}",
                     "target": f"macs {r['target_macs']:g}",
                     "metric": "macs",
                     "target_value": r["target_macs"],
@@ -118,7 +126,9 @@ def collect_rows(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[s
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="runs/structural", help="folder the benchmarks saved their models in")
-    ap.add_argument("--nvit", default="nvit_benchmark", help="results stem of nvit_benchmark.py")
+    ap.add_argument(
+        "--nvit", nargs="*", default=["nvit_benchmark", "nvit_benchmark_latency"], help="nvit_benchmark stems"
+    )
     ap.add_argument("--tp", nargs="*", default=["tp_baseline_oneshot", "tp_baseline_recovery"])
     ap.add_argument("--vtp", default="vtp_benchmark", help="results stem of vtp_prune.py")
     ap.add_argument("--lut", default=None, help="the table the latency-targeted NViT runs used")
