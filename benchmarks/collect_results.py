@@ -18,9 +18,10 @@ from _common import REPO, RESULTS, environment
 SECTIONS = [
     ("eval_dense", "Dense reference evaluation"),
     ("structural", "Structural pruning: NViT, VTP and Torch-Pruning side by side"),
-    ("nvit_benchmark", "NViT on the shared ViT-Tiny"),
-    ("tp_baseline", "Torch-Pruning 1.6.1 baselines"),
-    ("vtp_prune", "VTP on the shared ViT-Tiny"),
+    ("nvit_benchmark", "NViT on the shared ViT-Tiny (MACs targets)"),
+    ("nvit_benchmark_latency", "NViT with a CPU latency target"),
+    ("tp_baseline_oneshot", "Torch-Pruning 1.6.1, one-shot, every configuration"),
+    ("tp_baseline_recovery", "Torch-Pruning 1.6.1, best configuration after recovery"),
     ("obs_oneshot", "Unstructured pruning: OBS (oViT/CAP) and baselines, one-shot"),
     ("obs_recovery", "Unstructured pruning after recovery"),
     ("nvit_saliency_correlation", "NViT saliency versus the true loss change"),

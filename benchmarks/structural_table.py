@@ -96,6 +96,7 @@ def collect_rows(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[s
         results = [json.loads(m.read_text())["vtp_prune"] for m in metas]
         if results:
             vtp = {"budget": {"images_seen": None}, "results": results, "args": {"lam": None, "gates": None}}
+            vtp["from_meta"] = [str(m) for m in metas]
             vtp["dense"] = {"eval": {"n": None}}
     if vtp:
         b = vtp["budget"]
@@ -103,7 +104,9 @@ def collect_rows(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[s
             rows.append(
                 {
                     "method": "VTP (vitprune)",
-                    "config": f"lambda {vtp['args']['lam']}, gates {vtp['args']['gates']}",
+                    "config": f"lambda {vtp['args']['lam']:g}, gates {vtp['args']['gates']}"
+                    if vtp["args"].get("lam") is not None
+                    else "vtp_prune.py defaults (from the saved model's meta.json)",
                     "target": f"macs {r['target_macs']:g}",
                     "metric": "macs",
                     "target_value": r["target_macs"],
@@ -111,11 +114,15 @@ def collect_rows(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[s
                     "params": round(r["params_fraction"] * (dense.get("params") or 0)) or None,
                     "oneshot": r["top1_after_surgery"],
                     "recovered": r["top1_final"],
-                    "images": b["images_seen"],
+                    "images": b["images_seen"]
+                    or sum((r.get(k) or {}).get("images_seen", 0) for k in ("sparsity", "finetune")),
                     "minutes": r["wall_s"] / 60.0,
                     "val_n": r.get("val_n") or vtp["dense"]["eval"]["n"],
                     "model": f"vtp-macs-{r['target_macs']:g}-recovered",
                     "oneshot_note": "after sparsity training",
+                    "source": "meta.json of the saved model (vtp_prune.py run stopped early)"
+                    if vtp.get("from_meta")
+                    else None,
                 }
             )
     recovered = {r["model"].removesuffix("-recovered") for r in rows if r["model"].endswith("-recovered")}
@@ -230,6 +237,11 @@ def main(argv: list[str] | None = None) -> int:
         f" batch size ({speed[32]['_threads']} threads); the last column is 1.0 when the speed-up equals the"
         " MACs reduction\n"
     )
+    if any(r.get("source") for r in rows):
+        md += (
+            "- VTP rows marked in the JSON as `source: meta.json` come from the models a `vtp_prune.py` run saved"
+            " before it was stopped (it writes its own results file only at the end)\n"
+        )
     if latency_checks:
         md += (
             "\nLatency-targeted NViT (timed at the lookup table's batch size and threads, side by side with dense):\n\n"
