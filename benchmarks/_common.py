@@ -117,3 +117,15 @@ def write_results(name: str, record: dict[str, Any], markdown: str, results_dir:
     atomic_write_text(out / f"{name}.json", json.dumps(record, indent=2, default=str) + "\n", overwrite=True)
     atomic_write_text(out / f"{name}.md", markdown.rstrip() + "\n\n" + provenance_markdown(env), overwrite=True)
     return out / f"{name}.json"
+
+
+def loadavg() -> list[float] | None:
+    """The 1 / 5 / 15-minute load averages (None where the OS has none): other jobs sharing the machine."""
+    return [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None
+
+
+def cached_batches(dataset, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Decode and preprocess once; every model is then evaluated on the same tensors."""
+    from vitprune.data import make_loader
+
+    return [(x, torch.as_tensor(y)) for x, y in make_loader(dataset, batch_size, workers=0)]

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import markdown_table, shared_data, shared_model, write_results
+from _common import loadavg, markdown_table, shared_data, shared_model, write_results
 
 from vitprune.errors import VitPruneError
 from vitprune.models import save
@@ -211,13 +211,6 @@ def main(argv: list[str] | None = None) -> int:
     path = write_results(args.out_name, record, md)
     print(f"-> {path} ({record['wall_s'] / 60:.1f} min)")
     return 0
-
-
-def loadavg() -> list[float] | None:
-    try:
-        return [float(v) for v in Path("/proc/loadavg").read_text().split()[:3]]
-    except OSError:
-        return None
 
 
 if __name__ == "__main__":

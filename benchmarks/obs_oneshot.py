@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import markdown_table, shared_data, shared_model, write_results
+from _common import cached_batches, loadavg, markdown_table, shared_data, shared_model, write_results
 from torch.utils.data import Subset
 
 from vitprune.data import ImageFolderDataset, build_eval_transform, make_loader
@@ -30,19 +30,6 @@ from vitprune.pruners.calibration import find_linears
 from vitprune.pruners.obs import OBSConfig, OBSPruner, peak_rss_bytes
 
 DENSE_TOP1_FULL_VAL = 69.46
-
-
-def _load_avg() -> list[float] | None:
-    try:
-        return [float(v) for v in Path("/proc/loadavg").read_text().split()[:3]]
-    except OSError:
-        return None
-
-
-def cached_batches(dataset, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Decode and preprocess once; every model is then evaluated on the same tensors."""
-    loader = make_loader(dataset, batch_size, workers=0)
-    return [(x, torch.as_tensor(y)) for x, y in loader]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    load_start = _load_avg()
+    load_start = loadavg()
     root = Path(args.data)
     transform = build_eval_transform("shared")
     model = load_model(args.model)
@@ -215,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
             "obs_pass_under_8_gb": obs_pass["peak_rss_gib"] <= 8 * 1e9 / 2**30 if obs_pass else None,
             "sweep_at_most_1.2x_single": obs_pass["sweep_over_single"] <= 1.2 if obs_pass else None,
         },
-        "load_average": {"start": load_start, "end": _load_avg()},
+        "load_average": {"start": load_start, "end": loadavg()},
     }
     table = markdown_table(["sparsity", *[f"{m} top-1 %" for m in methods]], rows)
     md = (
@@ -245,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
             + ", ".join(f"{k}: {v['speedup']:.2f}x" for k, v in latency.items())
             + ".\n"
         )
-    md += f"\nChecks: {record['checks']}\n\nLoad average (1/5/15 min) at start {load_start}, end {_load_avg()} "
+    md += f"\nChecks: {record['checks']}\n\nLoad average (1/5/15 min) at start {load_start}, end {loadavg()} "
     md += "(the machine is shared; times are wall-clock).\n"
     path = write_results(args.name, record, md)
     print(f"-> {path}")

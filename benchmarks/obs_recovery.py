@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import markdown_table, shared_data, shared_model, write_results
+from _common import cached_batches, loadavg, markdown_table, shared_data, shared_model, write_results
 from _recovery import DEFAULTS, build_train_loader, recover
 from torch import nn
 from torch.utils.data import Subset
@@ -44,19 +44,6 @@ from vitprune.training import WeightMasks
 
 DENSE_TOP1_FULL_VAL = 69.46
 METHODS = ("obs", "gm")
-
-
-def _load_avg() -> list[float] | None:
-    try:
-        return [float(v) for v in Path("/proc/loadavg").read_text().split()[:3]]
-    except OSError:
-        return None
-
-
-def cached_batches(dataset, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Decode and preprocess once; every model is then evaluated on the same tensors."""
-    loader = make_loader(dataset, batch_size, workers=0)
-    return [(x, torch.as_tensor(y)) for x, y in loader]
 
 
 def prunable_weight_names(model: nn.Module) -> list[str]:
@@ -110,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     methods = [m for m in METHODS if m in args.methods]
-    load_start = _load_avg()
+    load_start = loadavg()
     t_start = time.perf_counter()
     root = Path(args.data)
     transform = build_eval_transform("shared")
@@ -225,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
                 meta={args.name: results[method]},
             )
 
-    load_end = _load_avg()
+    load_end = loadavg()
     record = {
         "benchmark": "#5 top-1 at fixed sparsity after one fixed recovery budget (OBS vs global magnitude)",
         "model": args.model,

@@ -147,8 +147,11 @@ def main(argv: list[str] | None = None) -> int:
     import _structural_common as S
 
     rows, dense_rec = collect_rows(args)
-    if not rows:
-        raise VitPruneError("no structural results found: run nvit_benchmark.py / tp_baseline.py / vtp_prune.py first")
+    if not any(r["method"].startswith("NViT") for r in rows) or not any(r["method"].startswith("Torch") for r in rows):
+        raise VitPruneError(
+            f"no NViT ({', '.join(args.nvit) or '-'}) or Torch-Pruning ({', '.join(args.tp) or '-'}) results in "
+            f"{RESULTS}: run nvit_benchmark.py and tp_baseline.py first"
+        )
     models_dir = Path(args.models)
     dense = S.load_dense()
     models: dict[str, torch.nn.Module] = {"dense": dense}

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import markdown_table, shared_data, shared_model, write_results
+from _common import cached_batches, markdown_table, shared_data, shared_model, write_results
 
 from vitprune.data import ImageFolderDataset, build_eval_transform, make_loader
 from vitprune.metrics import evaluate
@@ -35,11 +35,6 @@ from vitprune.pruners.vtp import VTPPruner
 from vitprune.structures import StructuralMasks, architecture_after, prune_model
 from vitprune.training.augment import build_train_transform
 from vitprune.training.losses import DistillationLoss
-
-
-def cached_batches(dataset, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Decode and preprocess once; every model is then evaluated on the same tensors."""
-    return [(x, torch.as_tensor(y)) for x, y in make_loader(dataset, batch_size, workers=0)]
 
 
 def measure_step_s(model, batch: torch.Tensor, steps: int = 2) -> float:
