@@ -36,6 +36,29 @@ def _fmt(v: Any, nd: int = 2) -> str:
     return f"{v:.{nd}f}" if isinstance(v, int | float) else "-"
 
 
+def _vtp_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The recorded vtp_prune.py runs, plus a run rebuilt from the ``meta.json`` of every saved VTP model that no
+    recorded run covers (a run stopped before it wrote its results file still leaves its finished models)."""
+    runs = [r for r in (_load(stem) for stem in args.vtp) if r]
+    covered = {f"{r['target_macs']:g}" for run in runs for r in run["results"]}
+    metas = [
+        m
+        for m in sorted(Path(args.models).glob("vtp-macs-*-recovered/meta.json"))
+        if m.parent.name.removeprefix("vtp-macs-").removesuffix("-recovered") not in covered
+    ]
+    if metas:
+        runs.append(
+            {
+                "budget": {"images_seen": None},
+                "results": [json.loads(m.read_text())["vtp_prune"] for m in metas],
+                "args": {"lam": None, "gates": None},
+                "from_meta": [str(m) for m in metas],
+                "dense": {"eval": {"n": None}},
+            }
+        )
+    return runs
+
+
 def collect_rows(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """One row per pruned model: method, config, target, MACs/params, top-1 one-shot / recovered, budget, model dir."""
     rows: list[dict[str, Any]] = []
@@ -90,15 +113,7 @@ def collect_rows(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[s
                     "model": r["name"] + ("-recovered" if rec else ""),
                 }
             )
-    vtp = _load(args.vtp)
-    if vtp is None:  # an interrupted vtp_prune.py run: the models it finished carry their row in meta.json
-        metas = sorted(Path(args.models).glob("vtp-macs-*-recovered/meta.json"))
-        results = [json.loads(m.read_text())["vtp_prune"] for m in metas]
-        if results:
-            vtp = {"budget": {"images_seen": None}, "results": results, "args": {"lam": None, "gates": None}}
-            vtp["from_meta"] = [str(m) for m in metas]
-            vtp["dense"] = {"eval": {"n": None}}
-    if vtp:
+    for vtp in _vtp_runs(args):
         b = vtp["budget"]
         for r in vtp["results"]:
             rows.append(
@@ -134,10 +149,15 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="runs/structural", help="folder the benchmarks saved their models in")
     ap.add_argument(
-        "--nvit", nargs="*", default=["nvit_benchmark", "nvit_benchmark_latency"], help="nvit_benchmark stems"
+        "--nvit",
+        nargs="*",
+        default=["nvit_benchmark", "nvit_benchmark_50", "nvit_benchmark_latency"],
+        help="nvit_benchmark stems",
     )
-    ap.add_argument("--tp", nargs="*", default=["tp_baseline_oneshot", "tp_baseline_recovery"])
-    ap.add_argument("--vtp", default="vtp_benchmark", help="results stem of vtp_prune.py")
+    ap.add_argument(
+        "--tp", nargs="*", default=["tp_baseline_oneshot", "tp_baseline_recovery", "tp_baseline_recovery_50"]
+    )
+    ap.add_argument("--vtp", nargs="*", default=["vtp_benchmark", "vtp_benchmark_50"], help="vtp_prune.py stems")
     ap.add_argument("--lut", default=None, help="the table the latency-targeted NViT runs used")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--runs-b32", type=int, default=10)
