@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -40,11 +41,9 @@ def _vtp_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
     """The recorded vtp_prune.py runs, plus a run rebuilt from the ``meta.json`` of every saved VTP model that no
     recorded run covers (a run stopped before it wrote its results file still leaves its finished models)."""
     runs = [r for r in (_load(stem) for stem in args.vtp) if r]
-    covered = {f"{r['target_macs']:g}" for run in runs for r in run["results"]}
+    covered = {_vtp_model(run, r, args.models) for run in runs for r in run["results"]}
     metas = [
-        m
-        for m in sorted(Path(args.models).glob("vtp-macs-*-recovered/meta.json"))
-        if m.parent.name.removeprefix("vtp-macs-").removesuffix("-recovered") not in covered
+        m for m in sorted(Path(args.models).glob("vtp-macs-*-recovered/meta.json")) if m.parent.name not in covered
     ]
     if metas:
         runs.append(
@@ -57,6 +56,15 @@ def _vtp_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
             }
         )
     return runs
+
+
+def _vtp_model(run: dict[str, Any], row: dict[str, Any], models: str) -> str:
+    """The saved model of one VTP row, relative to ``--models`` (a run saved elsewhere: that folder's path)."""
+    name = f"vtp-macs-{row['target_macs']:g}-recovered"
+    save_dir = run["args"].get("save_dir")
+    if not save_dir or Path(save_dir).resolve() == Path(models).resolve():
+        return name
+    return os.path.relpath(Path(save_dir) / name, models)
 
 
 def collect_rows(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -119,7 +127,8 @@ def collect_rows(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[s
             rows.append(
                 {
                     "method": "VTP (vitprune)",
-                    "config": f"lambda {vtp['args']['lam']:g}, gates {vtp['args']['gates']}"
+                    "config": f"lambda {vtp['args']['lam']:g}, gate lr {vtp['args']['gate_lr']:g}, "
+                    f"{vtp['args']['sparsity_share']:.0%} of the budget gate training, gates {vtp['args']['gates']}"
                     if vtp["args"].get("lam") is not None
                     else "vtp_prune.py defaults (from the saved model's meta.json)",
                     "target": f"macs {r['target_macs']:g}",
@@ -133,7 +142,7 @@ def collect_rows(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[s
                     or sum((r.get(k) or {}).get("images_seen", 0) for k in ("sparsity", "finetune")),
                     "minutes": r["wall_s"] / 60.0,
                     "val_n": r.get("val_n") or vtp["dense"]["eval"]["n"],
-                    "model": f"vtp-macs-{r['target_macs']:g}-recovered",
+                    "model": _vtp_model(vtp, r, args.models),
                     "oneshot_note": "after sparsity training",
                     "source": "meta.json of the saved model (vtp_prune.py run stopped early)"
                     if vtp.get("from_meta")
@@ -157,7 +166,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--tp", nargs="*", default=["tp_baseline_oneshot", "tp_baseline_recovery", "tp_baseline_recovery_50"]
     )
-    ap.add_argument("--vtp", nargs="*", default=["vtp_benchmark", "vtp_benchmark_50"], help="vtp_prune.py stems")
+    ap.add_argument(
+        "--vtp",
+        nargs="*",
+        default=["vtp_benchmark", "vtp_benchmark_50", "vtp_tune_70_share25_lam1e-3", "vtp_tune_70_share50_lam1e-3"],
+        help="vtp_prune.py stems",
+    )
     ap.add_argument("--lut", default=None, help="the table the latency-targeted NViT runs used")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--runs-b32", type=int, default=10)
