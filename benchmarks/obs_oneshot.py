@@ -32,6 +32,18 @@ from vitprune.pruners.obs import OBSConfig, OBSPruner, peak_rss_bytes
 DENSE_TOP1_FULL_VAL = 69.46
 
 
+def obs_config(args: argparse.Namespace) -> OBSConfig:
+    """The OBS settings of this script's arguments (``obs_recovery.py`` parses the same ones)."""
+    return OBSConfig(
+        block_size=args.block_size,
+        num_grads=args.num_grads,
+        damp=args.damp,
+        damp_relative=not args.damp_absolute,
+        criterion=args.criterion,
+        allocation=args.allocation,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=str(shared_model() / "model.safetensors"))
@@ -69,14 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     models: dict[tuple[str, float], torch.nn.Module] = {}
 
     if "obs" in args.methods:
-        cfg = OBSConfig(
-            block_size=args.block_size,
-            num_grads=args.num_grads,
-            damp=args.damp,
-            damp_relative=not args.damp_absolute,
-            criterion=args.criterion,
-            allocation=args.allocation,
-        )
+        cfg = obs_config(args)
         pruner = OBSPruner(model, cfg)
         t0 = time.perf_counter()
         pruner.estimate_fisher(calib_loader)

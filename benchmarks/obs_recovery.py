@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from _common import cached_batches, loadavg, markdown_table, shared_data, shared_model, write_results
 from _recovery import DEFAULTS, build_train_loader, recover
+from obs_oneshot import obs_config
 from torch import nn
 from torch.utils.data import Subset
 
@@ -118,14 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict] = {}
     obs_pass = None
     if "obs" in methods:
-        cfg = OBSConfig(
-            block_size=args.block_size,
-            num_grads=args.num_grads,
-            damp=args.damp,
-            damp_relative=not args.damp_absolute,
-            criterion=args.criterion,
-            allocation=args.allocation,
-        )
+        cfg = obs_config(args)
         pruner = OBSPruner(dense, cfg)
         t0 = time.perf_counter()
         res = pruner.prune(calib_loader, [args.sparsity])[args.sparsity]
