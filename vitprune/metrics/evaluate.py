@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from vitprune.errors import VitPruneError
+from vitprune.models.vit import logits_of
 
 _ERROR_PREFIX = "vitprune.errors.VitPruneError: "
 
@@ -61,9 +62,7 @@ def evaluate(
             for images, targets in bar:
                 images = images.to(device, non_blocking=True)
                 targets = torch.as_tensor(targets).to(device, non_blocking=True)
-                logits = model(images)
-                if isinstance(logits, tuple):  # (cls, dist) pair from a distilled model
-                    logits = (logits[0] + logits[1]) / 2
+                logits = logits_of(model(images))  # a distilled model's (cls, dist) pair averaged
                 c = logits.shape[-1]
                 if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= c):
                     raise VitPruneError(

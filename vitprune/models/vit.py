@@ -28,6 +28,8 @@ from torch import Tensor, nn
 from vitprune.models.config import BlockConfig, ViTConfig
 
 GATE_NAMES = ("head_gate", "qk_gate", "v_gate", "gate", "branch_gate", "emb_mask")
+# the one kind -> gate table: a structure kind of a block and the (submodule, buffer/parameter) gating it
+KIND_GATES = {"heads": ("attn", "head_gate"), "qk": ("attn", "qk_gate"), "v": ("attn", "v_gate"), "mlp": ("mlp", "gate")}
 
 
 def masked_layer_norm(x: Tensor, norm: nn.LayerNorm, mask: Tensor | None) -> Tensor:
@@ -234,6 +236,14 @@ class ViT(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
+
+
+def logits_of(output: Tensor | tuple[Tensor, ...]) -> Tensor:
+    """Class logits of a model output: a distilled model in training mode returns ``(cls, dist)`` head logits,
+    which are averaged (DeiT's inference rule); a plain tensor is returned as is."""
+    if isinstance(output, tuple):
+        return (output[0] + output[1]) / 2
+    return output
 
 
 def num_params(model: nn.Module) -> int:

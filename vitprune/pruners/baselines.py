@@ -1,8 +1,9 @@
 """Unstructured pruning baselines: global / uniform magnitude, Wanda and SparseGPT (METHODS.md section 4).
 
-All return :class:`~vitprune.pruners.calibration.SparsePruneResult` (a pruned copy of the model and boolean
-keep-masks keyed by parameter name, the type :class:`vitprune.training.masks.WeightMasks` takes), so they are
-interchangeable with :class:`vitprune.pruners.obs.OBSPruner`.
+Each is one small :class:`~vitprune.pruners.base.UnstructuredPruner` (registered as ``gm``, ``um``, ``wanda``,
+``sparsegpt``) over :func:`prune_baseline`, interchangeable with :class:`vitprune.pruners.obs.OBSPruner`: the
+same :class:`~vitprune.pruners.base.PruneResult` (a pruned copy and boolean keep-masks keyed by parameter name,
+the type :class:`vitprune.training.masks.WeightMasks` takes).
 
 - ``gm``: one magnitude threshold over all prunable weights; ``um``: the same fraction in every layer.
 - ``wanda`` (Sun et al. 2023, eq. 1): score ``|W_ij| * ||X_j||_2``; each output row loses its lowest-scored
@@ -20,11 +21,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from vitprune.errors import VitPruneError
+from vitprune.pruners.base import UnstructuredConfig, UnstructuredPruner
 from vitprune.pruners.calibration import (
     DEFAULT_PATTERNS,
     InputStats,
@@ -37,6 +41,7 @@ from vitprune.pruners.calibration import (
     sparsity_report,
     split_batch,
 )
+from vitprune.pruners.settings import setting
 
 BASELINES = ("gm", "um", "wanda", "sparsegpt")
 
@@ -250,3 +255,54 @@ def prune_baseline(
         report["time_s"] = time.perf_counter() - t0 + capture_s
         results[target] = SparsePruneResult(pruned, masks, report)
     return results
+
+
+# ------------------------------------------------------------------------------------------------ pruners
+@dataclass
+class BaselineConfig(UnstructuredConfig):
+    """Settings of the unstructured baselines (calibration size and SparseGPT's solver)."""
+
+    num_samples: int = setting(128, low=1, help="calibration images (wanda, sparsegpt)")
+    damp: float = setting(0.01, low=0.0, low_open=True, help="sparsegpt: dampening x mean diag(X^T X)")
+    blocksize: int = setting(128, low=1, help="sparsegpt: column block size")
+
+
+class _Baseline(UnstructuredPruner):
+    Config: ClassVar[type[BaselineConfig]] = BaselineConfig
+    needs_data: ClassVar[bool] = False
+
+    def calibration_images(self) -> int | None:
+        return self.config.num_samples if self.needs_data else 0
+
+    def sparsify(self, model: nn.Module, calib: Iterable | None, device: Any) -> dict[float, SparsePruneResult]:
+        cfg = self.config
+        return prune_baseline(
+            model, self.name, cfg.targets, calib if self.needs_data else None, cfg.patterns, cfg.nm_pair,
+            cfg.num_samples, cfg.blocksize, cfg.damp, device,
+        )  # fmt: skip
+
+
+class GlobalMagnitudePruner(_Baseline):
+    name = "gm"
+    paper = "global magnitude: one |w| threshold over all prunable weights (Han et al. 2015)"
+    summary = "unstructured baseline: one global |w| threshold"
+
+
+class UniformMagnitudePruner(_Baseline):
+    name = "um"
+    paper = "uniform magnitude: the same |w| sparsity in every layer (Zhu & Gupta 2017)"
+    summary = "unstructured baseline: |w| with the same sparsity in every layer"
+
+
+class WandaPruner(_Baseline):
+    name = "wanda"
+    paper = "Sun et al. 2023, A Simple and Effective Pruning Approach for LLMs (Wanda, eq. 1)"
+    summary = "unstructured baseline: Wanda |W| * ||X||, per output row"
+    needs_data = True
+
+
+class SparseGPTPruner(_Baseline):
+    name = "sparsegpt"
+    paper = "Frantar & Alistarh 2023, SparseGPT (Algorithm 1)"
+    summary = "unstructured baseline: SparseGPT layer-wise OBS reconstruction"
+    needs_data = True

@@ -31,9 +31,9 @@ import resource
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -41,7 +41,6 @@ from torch import Tensor, nn
 
 from vitprune.errors import VitPruneError
 from vitprune.pruners.calibration import (
-    DEFAULT_PATTERNS,
     LossFn,
     SparsePruneResult,
     clone_model,
@@ -51,14 +50,15 @@ from vitprune.pruners.calibration import (
 )
 from vitprune.scoring.fisher import FISHER_MODES, BlockLayout, FisherInverses
 from vitprune.scoring.obs import allocate_counts, greedy_obs, prefix_mask, replay_prefix
+from vitprune.pruners.base import PruneResult, UnstructuredConfig, UnstructuredPruner, as_data, run_eval
+from vitprune.pruners.settings import setting, validate_settings
 from vitprune.utils.fs import atomic_path, atomic_write_text
 
-METHODS = ("obs", "gm", "um", "wanda", "sparsegpt")
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 @dataclass
-class OBSConfig:
+class OBSConfig(UnstructuredConfig):
     """Settings of the OBS pruner (defaults measured on ViT-Tiny / 2-core CPU; see benchmarks/obs_oneshot.py).
 
     ``num_grads``: ``m``, the number of gradients in the Fisher (per sample with ``grad_mode='per_sample'``, per
@@ -69,45 +69,47 @@ class OBSConfig:
     cost per removal (made non-decreasing), which minimises the summed loss when the traces are convex.
     ``max_memory_gb``: refuse (or, with ``allow_smaller_blocks``, shrink ``block_size``) when the Fisher
     inverse would exceed it. ``allocation``: ``'global'`` threshold over all layers or ``'layer'`` (uniform).
+    ``schedule``: gradual pruning (increasing sparsities, ``steps_per_level`` of masked recovery after each).
     """
 
-    block_size: int = 128
-    num_grads: int = 1024
-    grad_mode: str = "per_sample"
-    damp: float = 0.3
-    damp_relative: bool = True
-    fisher_labels: str = "data"
-    fisher_mode: str = "accumulate"
-    patterns: tuple[str, ...] = DEFAULT_PATTERNS
-    allocation: str = "global"
-    criterion: str = "cumulative"
-    nm: tuple[int, int] | None = None
-    max_memory_gb: float | None = 8.0
-    allow_smaller_blocks: bool = False
-    greedy_dtype: str = "float32"
-    chunk_blocks: int = 128
-    device: str = "cpu"
-    seed: int = 0
+    block_size: int = setting(128, low=1, help="Fisher block size B")
+    num_grads: int = setting(1024, low=1, help="gradients m in the Fisher (= calibration images per sample)")
+    grad_mode: str = setting("per_sample", choices=("per_sample", "batch"), help="one gradient per image or batch")
+    damp: float = setting(0.3, low=0.0, low_open=True, help="Fisher lambda, x the layer's mean Fisher diagonal")
+    damp_relative: bool = setting(True, flag="damp-absolute", invert=True, help="--damp is an absolute lambda")
+    fisher_labels: str = setting("data", choices=("data", "model"), help="empirical (data) or true (model) Fisher")
+    fisher_mode: str = setting("accumulate", choices=FISHER_MODES, help="Fisher inverse by accumulation or Woodbury")
+    allocation: str = setting("global", choices=("global", "layer"), help="one threshold over all layers, or per layer")
+    criterion: str = setting("cumulative", choices=("cumulative", "marginal"), help="threshold on the OBS loss trace")
+    max_memory_gb: float | None = setting(
+        8.0, kind="float", low=0.0, low_open=True, nullable=True, zero_is_none=True,
+        help="refuse a bigger Fisher inverse (0: no limit)",
+    )  # fmt: skip
+    allow_smaller_blocks: bool = setting(False, flag="auto-block-size", help="shrink B to fit --max-memory-gb")
+    greedy_dtype: str = setting("float32", choices=("float32", "float64"), help="precision of the greedy OBS pass")
+    chunk_blocks: int = setting(128, low=1, help="Fisher blocks processed at once")
+    schedule: tuple[float, ...] = setting(
+        (), kind="floats", nargs="+", low=0.0, high=1.0, low_open=True, high_open=True, nullable=True,
+        help="gradual pruning: increasing sparsities, e.g. 0.5 0.6 0.75 0.9",
+    )  # fmt: skip
+    steps_per_level: int = setting(500, low=1, help="gradual: masked recovery steps after each level")
+    eval_every: int = setting(0, low=0, help="gradual: score the val set every N steps to keep the best")
+    device: str = setting("cpu", cli=False, help="device of the Fisher and OBS computations")
+
+    def check(self) -> None:
+        if self.schedule:
+            if self.nm is not None:
+                raise VitPruneError("--schedule (gradual) is for unstructured OBS, not --nm")
+            if not self.sparsity:
+                self.sparsity = (self.schedule[-1],)
+        super().check()
+        if self.damp_relative and self.fisher_mode == "woodbury":
+            raise VitPruneError("the woodbury Fisher needs an absolute dampening (--damp-absolute)")
 
     def validate(self) -> None:
-        if self.grad_mode not in ("per_sample", "batch"):
-            raise VitPruneError(f"grad_mode must be 'per_sample' or 'batch', got {self.grad_mode!r}")
-        if self.fisher_mode not in FISHER_MODES:
-            raise VitPruneError(f"fisher_mode must be one of {', '.join(FISHER_MODES)}, got {self.fisher_mode!r}")
-        if self.allocation not in ("global", "layer"):
-            raise VitPruneError(f"allocation must be 'global' or 'layer', got {self.allocation!r}")
-        if self.criterion not in ("cumulative", "marginal"):
-            raise VitPruneError(f"criterion must be 'cumulative' or 'marginal', got {self.criterion!r}")
-        if self.greedy_dtype not in _DTYPES:
-            raise VitPruneError(f"greedy_dtype must be float32 or float64, got {self.greedy_dtype!r}")
-        if self.num_grads <= 0 or self.block_size <= 0 or self.chunk_blocks <= 0:
-            raise VitPruneError("num_grads, block_size and chunk_blocks must be positive")
-        if self.damp <= 0:
-            raise VitPruneError(f"damp must be positive, got {self.damp}")
-        if self.damp_relative and self.fisher_mode == "woodbury":
-            raise VitPruneError("the woodbury Fisher needs an absolute dampening (damp_relative=False)")
-        if self.fisher_labels not in ("data", "model"):
-            raise VitPruneError(f"fisher_labels must be 'data' or 'model', got {self.fisher_labels!r}")
+        """Kept for callers of the pre-interface API: every check already ran at construction."""
+        validate_settings(self)
+        self.check()
 
 
 def marginal_costs(trace: Tensor) -> Tensor:
@@ -133,27 +135,27 @@ class _LayerTrace:
 
 
 @dataclass
-class OBSPruner:
-    """oViT pruner over the linears of ``model`` matching ``config.patterns``; see the module docstring."""
+class OBSSolver:
+    """The oViT machinery over the linears of ``model`` matching ``config.patterns`` (Fisher, traces, sweep
+    updates, gradual); :class:`OBSPruner` is its face in the one pruning interface."""
 
     model: nn.Module
     config: OBSConfig = field(default_factory=OBSConfig)
     loss_fn: LossFn | None = None
 
     def __post_init__(self) -> None:
-        self.config.validate()
         self.names = list(find_linears(self.model, self.config.patterns))
         self.fisher: FisherInverses | None = None
         self.fisher_consumed = False
         self.layer_traces: dict[str, _LayerTrace] = {}
         self.timings: dict[str, float] = {}
         self.info: dict[str, Any] = {}
-        if self.config.nm is not None:
+        if self.config.nm_pair is not None:
             for name, lin in find_linears(self.model, self.names).items():
-                if lin.in_features % self.config.nm[1]:
+                if lin.in_features % self.config.nm_pair[1]:
                     raise VitPruneError(
-                        f"N:M {self.config.nm[0]}:{self.config.nm[1]} needs input widths divisible by "
-                        f"{self.config.nm[1]}; {name} has {lin.in_features}"
+                        f"N:M {self.config.nm} needs input widths divisible by "
+                        f"{self.config.nm_pair[1]}; {name} has {lin.in_features}"
                     )
 
     # ---------------------------------------------------------------- step 1: Fisher
@@ -161,7 +163,7 @@ class OBSPruner:
         """Build ``F^-1`` of every prunable linear from ``config.num_grads`` gradients on ``loader``."""
         cfg = self.config
         linears = find_linears(self.model, self.names)
-        multiple = cfg.nm[1] if cfg.nm is not None else 1
+        multiple = cfg.nm_pair[1] if cfg.nm_pair is not None else 1
         max_bytes = cfg.max_memory_gb * 2**30 if cfg.max_memory_gb is not None else None
         if cfg.fisher_mode == "woodbury":
             available = _available_grads(loader, cfg.grad_mode)
@@ -244,9 +246,9 @@ class OBSPruner:
                         w[s:e],
                         f[s:e],
                         pruned=p[s:e] if p is not None else None,
-                        nm=cfg.nm,
+                        nm=cfg.nm_pair,
                         dtype=dtype,
-                        factors=cfg.nm is None,
+                        factors=cfg.nm_pair is None,
                     )
                     if res.factors is not None:  # F^-1 = factors^T factors: the factors replace it in place
                         f[s:e].copy_(res.factors)
@@ -254,12 +256,12 @@ class OBSPruner:
                     parts.append(res)
                 orders.append(torch.cat([c.order for c in parts]))
                 traces.append(torch.cat([c.trace for c in parts]).float())
-                if cfg.nm is None:
+                if cfg.nm_pair is None:
                     alphas.append(torch.cat([c.alphas for c in parts]).to(f.dtype))
                 else:
                     weights.append(torch.cat([c.weights for c in parts]))
             self.layer_traces[name] = _LayerTrace(
-                est.layout, orders, traces, alphas if cfg.nm is None else None, weights if cfg.nm else None
+                est.layout, orders, traces, alphas if cfg.nm_pair is None else None, weights if cfg.nm_pair else None
             )
         self.fisher_consumed = True
         self.timings["traces_s"] = time.perf_counter() - t0
@@ -271,8 +273,9 @@ class OBSPruner:
         if not self.layer_traces:
             raise VitPruneError("compute the OBS traces before building pruned models")
         cfg = self.config
-        if cfg.nm is not None:
-            return {(cfg.nm[1] - cfg.nm[0]) / cfg.nm[1]: self._nm_model()}
+        if cfg.nm_pair is not None:
+            n, m = cfg.nm_pair
+            return {(m - n) / m: self._nm_model()}
         targets = [float(t) for t in targets]
         for t in targets:
             if not 0.0 <= t < 1.0:
@@ -326,7 +329,7 @@ class OBSPruner:
                 for o, w in zip(lt.orders, lt.weights, strict=True)
             ]
             masks[f"{name}.weight"] = ~lt.layout.merge(removed).view(lin.weight.shape).cpu()
-        n, m = self.config.nm
+        n, m = self.config.nm_pair
         return SparsePruneResult(model, masks, self._report((m - n) / m, masks, time.perf_counter() - t0))
 
     def _report(self, target: float, masks: dict[str, Tensor], update_s: float) -> dict[str, Any]:
@@ -334,7 +337,7 @@ class OBSPruner:
         rep: dict[str, Any] = {
             "method": "obs",
             "target": target,
-            "nm": f"{cfg.nm[0]}:{cfg.nm[1]}" if cfg.nm else None,
+            "nm": cfg.nm,
             "allocation": cfg.allocation,
             "criterion": cfg.criterion,
             **self.info,
@@ -386,7 +389,7 @@ class OBSPruner:
         schedule = [float(s) for s in schedule]
         if not schedule or any(b <= a for a, b in itertools.pairwise(schedule)) or not 0 < schedule[-1] < 1:
             raise VitPruneError(f"the gradual schedule must be increasing sparsities in (0, 1), got {schedule}")
-        if self.config.nm is not None:
+        if self.config.nm_pair is not None:
             raise VitPruneError("gradual pruning is for unstructured sparsity; run N:M one-shot")
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -523,24 +526,58 @@ def _jsonable(obj: Any) -> Any:
     return str(obj)
 
 
-def prune_unstructured(
-    model: nn.Module,
-    method: str,
-    sparsities: Sequence[float],
-    loader: Iterable | None,
-    obs_config: OBSConfig | None = None,
-    **baseline_kwargs: Any,
-) -> dict[float, SparsePruneResult]:
-    """Dispatch to OBS or a baseline by name (:data:`METHODS`); every method returns the same result type."""
-    if method == "obs":
-        if loader is None:
+class OBSPruner(UnstructuredPruner):
+    """oViT / CAP in the one pruning interface: a one-pass sweep (or N:M, or gradual with ``schedule``)."""
+
+    name = "obs"
+    paper = "Kuznedelev et al. 2023, oViT / CAP: correlation-aware second-order (OBS) pruning of ViTs"
+    summary = "oViT/OBS: second-order unstructured pruning (block Fisher inverse, global threshold, N:M, gradual)"
+    Config: ClassVar[type[OBSConfig]] = OBSConfig
+
+    def calibration_images(self) -> int | None:
+        return self.config.num_grads
+
+    def solver(self, model: nn.Module, device: str | torch.device = "cpu") -> OBSSolver:
+        return OBSSolver(model, replace(self.config, device=str(device)), self.loss_fn)
+
+    loss_fn: LossFn | None = None
+
+    def sparsify(self, model: nn.Module, calib: Iterable | None, device: torch.device) -> dict[float, Any]:
+        if calib is None:
             raise VitPruneError("obs needs calibration data")
-        return OBSPruner(model, obs_config or OBSConfig()).prune(loader, sparsities)
-    from vitprune.pruners.baselines import prune_baseline
+        return self.solver(model, device).prune(calib, self.config.targets)
 
-    if method not in METHODS:
-        raise VitPruneError(f"unknown pruning method {method!r} (choose from {', '.join(METHODS)})")
-    return prune_baseline(model, method, sparsities, loader, **baseline_kwargs)
+    def prune(self, model, data, teacher=None, *, workdir=None, resume=False, device="cpu", eval_fn=None):
+        cfg = self.config
+        if not cfg.schedule:
+            return super().prune(model, data, teacher, workdir=workdir, resume=resume, device=device, eval_fn=eval_fn)
+        if workdir is None:
+            raise VitPruneError("gradual OBS (--schedule) needs a run directory (--out) to resume from")
+        self.check(model, device)
+        data = as_data(data)
+        t0 = time.perf_counter()
+        train_cfg = cfg.trainer_config(cfg.steps_per_level, cfg.finetune_lr, cfg.ckpt_every)
+        top1 = (lambda m: float(eval_fn(m)["top1"])) if eval_fn is not None else None
+        out = self.solver(model, device).gradual(
+            data.calib,
+            data.train,
+            cfg.schedule,
+            train_cfg,
+            Path(workdir) / "gradual",
+            teacher=teacher if teacher is not None else model,
+            eval_fn=top1,
+            eval_every=cfg.eval_every,
+            device=str(device),
+        )
+        final = out["model"].eval()
+        report = {"method": self.name, "type": self.kind, "paper": self.paper, "settings": cfg.to_dict()}
+        report |= {"schedule": list(cfg.schedule), "levels": out["report"]["levels"]}
+        report |= sparsity_report(out["masks"])
+        if eval_fn is not None:
+            report["dense_eval"] = run_eval(eval_fn, model)
+            report["eval"] = run_eval(eval_fn, final)
+        report["time_s"] = round(time.perf_counter() - t0, 2)
+        return [PruneResult(final, out["masks"], _jsonable(report), cfg.schedule[-1])]
 
 
-__all__ = ["METHODS", "OBSConfig", "OBSPruner", "peak_rss_bytes", "prune_unstructured"]
+__all__ = ["OBSConfig", "OBSPruner", "OBSSolver", "marginal_costs", "peak_rss_bytes"]

@@ -38,45 +38,25 @@ fine-tuning phase absorbs; it is why ``emb`` is off by default.
 
 from __future__ import annotations
 
-import copy
-import json
-import math
-import os
-import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from vitprune.errors import VitPruneError
-from vitprune.metrics.flops import count_macs, count_params
-from vitprune.models.config import ViTConfig
-from vitprune.models.io import attach_gate, is_model_dir
-from vitprune.models.io import load as io_load
-from vitprune.models.io import save as io_save
-from vitprune.models.vit import ViT
-from vitprune.pruners.recovery import DistillTrainingSettings
-from vitprune.reports import arch_summary, plot_block_dims, write_json_report
-from vitprune.structures.groups import parse_key, unit_count, unit_key
-from vitprune.structures.masks import StructuralMasks, apply_masks, architecture_after
-from vitprune.structures.surgery import prune_model, round_masks
-from vitprune.training import distributed as D
-from vitprune.training.engine import TrainConfig, Trainer
-from vitprune.utils.fs import atomic_write_text, check_writable_target
+from vitprune.models.io import attach_gate
+from vitprune.models.vit import GATE_NAMES, KIND_GATES, ViT
+from vitprune.pruners.base import PruneData, StructuralConfig, StructuralPruner
+from vitprune.pruners.settings import setting
+from vitprune.structures.groups import unit_count, unit_key
+from vitprune.structures.masks import StructuralMasks, apply_masks
 
 GATE_KINDS = ("qk", "v", "mlp", "heads", "emb")
 DEFAULT_GATES = ("qk", "v", "mlp")
-METRICS = ("macs", "params")
-_BLOCK_GATES = {
-    "qk": ("attn", "qk_gate"),
-    "v": ("attn", "v_gate"),
-    "mlp": ("mlp", "gate"),
-    "heads": ("attn", "head_gate"),
-}
 
 
 # --------------------------------------------------------------------------------------------- embedding gate
@@ -159,14 +139,13 @@ def _check_kinds(kinds: Iterable[str]) -> tuple[str, ...]:
 
 
 def _has_gates(model: ViT) -> list[str]:
-    found = [n for n, b in model.named_buffers() if b is not None and n.rsplit(".", 1)[-1] in _GATE_LEAVES]
-    found += [n for n, _ in model.named_parameters() if n.rsplit(".", 1)[-1] in _GATE_LEAVES]
+    found = [n for n, b in model.named_buffers() if b is not None and n.rsplit(".", 1)[-1] in GATE_NAMES]
+    found += [n for n, _ in model.named_parameters() if n.rsplit(".", 1)[-1] in GATE_NAMES]
     if emb_gate(model) is not None:
         found.append("emb")
     return found
 
 
-_GATE_LEAVES = {"head_gate", "qk_gate", "v_gate", "gate", "branch_gate", "emb_mask"}
 
 
 def attach_vtp_gates(model: ViT, kinds: Sequence[str] = DEFAULT_GATES) -> dict[str, nn.Parameter]:
@@ -188,7 +167,7 @@ def attach_vtp_gates(model: ViT, kinds: Sequence[str] = DEFAULT_GATES) -> dict[s
             n = unit_count(model.config, kind, b)
             if n == 0:
                 continue
-            sub, name = _BLOCK_GATES[kind]
+            sub, name = KIND_GATES[kind]
             module = getattr(blk, sub)
             attach_gate(module, name, torch.ones(n, device=ref.device, dtype=ref.dtype), learnable=True)
             gates[unit_key(kind, b)] = module._parameters[name]
@@ -201,7 +180,7 @@ def vtp_gates(model: ViT) -> dict[str, nn.Parameter]:
     """The learnable VTP gates present on ``model`` keyed by unit key (block kinds first, then ``emb``)."""
     gates: dict[str, nn.Parameter] = {}
     for b, blk in enumerate(model.blocks):
-        for kind, (sub, name) in _BLOCK_GATES.items():
+        for kind, (sub, name) in KIND_GATES.items():
             p = getattr(blk, sub)._parameters.get(name)
             if p is not None:
                 gates[unit_key(kind, b)] = p
@@ -229,146 +208,6 @@ def gate_stats(gates: dict[str, Tensor], eps: float = 1e-2) -> dict[str, float]:
         f"frac_below_{eps:g}": float((flat < eps).float().mean()),
         "count": int(flat.numel()),
     }
-
-
-# --------------------------------------------------------------------------------------------- global threshold
-def architecture_cost(config: ViTConfig, metric: str, img_size: int | None = None) -> int:
-    """Exact MACs (per image) or parameter count of an architecture (:mod:`vitprune.metrics.flops`)."""
-    if metric == "macs":
-        return int(count_macs(config, img_size)["total"])
-    if metric == "params":
-        return int(count_params(config))
-    raise VitPruneError(f"unknown target metric {metric!r} (expected one of {', '.join(METRICS)})")
-
-
-class GlobalThreshold:
-    """One global ordering of every gated unit by ``|a|`` (ascending) and the masks of its prefixes.
-
-    ``masks(k)`` removes the ``k`` smallest-|a| units (exact ties are spread evenly over the gate vectors); the
-    largest-|a| embedding channel is never a candidate, so at least one channel stays. With
-    ``round_to`` every kept QK / V / MLP / embedding width is rounded up to a multiple (the best removed units
-    come back, see :func:`vitprune.structures.round_masks`). The cost of ``masks(k)`` is non-increasing in ``k``.
-    """
-
-    def __init__(
-        self,
-        config: ViTConfig,
-        scores: dict[str, Tensor],
-        metric: str = "macs",
-        round_to: int | None = None,
-        img_size: int | None = None,
-    ) -> None:
-        if metric not in METRICS:
-            raise VitPruneError(f"unknown target metric {metric!r} (expected one of {', '.join(METRICS)})")
-        self.config, self.metric, self.round_to, self.img_size = config, metric, round_to, img_size
-        self.scores = {k: v.detach().abs().reshape(-1).float().cpu() for k, v in scores.items()}
-        cands, vals, fracs = [], [], []
-        for key, s in self.scores.items():
-            kind, b = parse_key(key)
-            if s.numel() != unit_count(config, kind, b):
-                raise VitPruneError(f"gate {key} has {s.numel()} values, the model has {unit_count(config, kind, b)}")
-            cand = torch.arange(s.numel())
-            if kind == "emb":
-                cand = cand[cand != int(torch.argmax(s))]
-            cands.append(cand)
-            vals.append(s[cand])
-            fracs.append((cand.double() + 0.5) / s.numel())
-        values = torch.cat(vals) if vals else torch.zeros(0)
-        # ascending |a|; exact ties go round-robin over the gate vectors (by relative position j / n), so tied
-        # gates (e.g. untrained ones) are removed evenly from every block instead of block after block
-        by_position = torch.argsort(torch.cat(fracs) if fracs else torch.zeros(0), stable=True)
-        order = by_position[torch.sort(values[by_position], stable=True).indices]
-        self.sorted_values = values[order]
-        self.num_candidates = int(values.numel())
-        ranks = torch.empty_like(order)
-        ranks[order] = torch.arange(order.numel())
-        # rank of every unit in the global ascending order; non-candidates get num_candidates (never removed)
-        self._rank: dict[str, Tensor] = {}
-        pos = 0
-        for (key, s), cand in zip(self.scores.items(), cands, strict=True):
-            rank = torch.full((s.numel(),), self.num_candidates, dtype=torch.long)
-            rank[cand] = ranks[pos : pos + cand.numel()]
-            self._rank[key] = rank
-            pos += cand.numel()
-        self.dense_cost = architecture_cost(config, metric, img_size)
-        self._cache: dict[int, int] = {}
-
-    def masks(self, k: int) -> StructuralMasks:
-        """Masks removing the ``k`` lowest-|a| candidates (then rounded when ``round_to`` is set)."""
-        out = StructuralMasks.all_kept(self.config)
-        for key, rank in self._rank.items():
-            kind, b = parse_key(key)
-            keep = rank >= k
-            if kind == "emb":
-                out.emb = keep
-            else:
-                setattr(out.blocks[b], kind, keep)
-        if self.round_to and self.round_to > 1:
-            out, _ = round_masks(self.config, out, self.round_to, self.scores)
-        return out
-
-    def cost(self, k: int) -> int:
-        if k not in self._cache:
-            cfg = architecture_after(self.config, self.masks(k))
-            self._cache[k] = architecture_cost(cfg, self.metric, self.img_size)
-        return self._cache[k]
-
-    @property
-    def min_fraction(self) -> float:
-        """Smallest reachable cost fraction (every candidate removed)."""
-        return self.cost(self.num_candidates) / self.dense_cost
-
-    def select(self, target: float) -> tuple[int, StructuralMasks, dict[str, Any]]:
-        """Fewest removals ``k`` whose cost is ``<= target * dense cost`` (binary search; cost is monotone)."""
-        check_fraction(target, f"target {self.metric} fraction")
-        budget = target * self.dense_cost
-        if self.cost(self.num_candidates) > budget:
-            raise VitPruneError(
-                f"target {self.metric} fraction {target:g} is unreachable: removing every gated unit leaves "
-                f"{self.min_fraction:.4f} of the dense {self.metric} (patch embedding, head and ungated parts stay)"
-            )
-        lo, hi = 0, self.num_candidates
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if self.cost(mid) <= budget:
-                hi = mid
-            else:
-                lo = mid + 1
-        k = lo
-        removed_max = float(self.sorted_values[k - 1]) if k > 0 else None
-        kept_min = float(self.sorted_values[k]) if k < self.num_candidates else None
-        info = {
-            "metric": self.metric,
-            "target_fraction": target,
-            "achieved_fraction": self.cost(k) / self.dense_cost,
-            "dense_cost": self.dense_cost,
-            "pruned_cost": self.cost(k),
-            "removed": k,
-            "candidates": self.num_candidates,
-            "threshold": removed_max,
-            "largest_removed_abs_gate": removed_max,
-            "smallest_kept_abs_gate": kept_min,
-            "round_to": self.round_to,
-        }
-        return k, self.masks(k), info
-
-
-def check_fraction(value: float, what: str) -> float:
-    if not isinstance(value, (int, float)) or not math.isfinite(value) or not 0.0 < value <= 1.0:
-        raise VitPruneError(f"{what} must be in (0, 1], got {value!r}")
-    return float(value)
-
-
-def unit_scores_for(config: ViTConfig, kinds: Sequence[str]) -> dict[str, Tensor]:
-    """All-ones scores for every unit the gates of ``kinds`` would cover (to check a target before training)."""
-    scores: dict[str, Tensor] = {}
-    for b in range(config.depth):
-        for kind in kinds:
-            if kind != "emb" and unit_count(config, kind, b) > 0:
-                scores[unit_key(kind, b)] = torch.ones(unit_count(config, kind, b))
-    if "emb" in kinds:
-        scores["emb"] = torch.ones(config.embed_dim)
-    return scores
 
 
 # --------------------------------------------------------------------------------------------- fold + prune
@@ -430,265 +269,95 @@ class GateLogHook:
         trainer.extra_state.setdefault(self.KEY, []).append(rec)
 
 
-# --------------------------------------------------------------------------------------------- pipeline
+# --------------------------------------------------------------------------------------------- pruner
 @dataclass
-class VTPConfig(DistillTrainingSettings):
-    """Settings of one VTP run (see :class:`VTPPruner`)."""
+class VTPConfig(StructuralConfig):
+    """Settings of one VTP run (see :class:`VTPPruner`); one global threshold on ``|a|`` by default."""
 
-    target: float = 0.7  # kept fraction of the dense cost, in (0, 1]
-    metric: str = "macs"  # "macs" or "params"
-    lam: float = 1e-4  # L1 weight lambda
-    gates: tuple[str, ...] = DEFAULT_GATES
-    sparsity_steps: int = 1000
-    finetune_steps: int = 1000
-    lr: float = 1e-4  # every weight during sparsity training
-    gate_lr: float | None = 1e-2  # extra AdamW on the gates; None: the Trainer's optimizer alone (as the paper)
-    grad_clip: float = 0.0
+    kinds: tuple[str, ...] = setting(
+        DEFAULT_GATES, kind="strs", choices=GATE_KINDS, flag="gates", help="gated kinds: qk,v,mlp plus heads, emb"
+    )
+    selection: str = setting("threshold", choices=("greedy", "threshold", "uniform"), help="global selection rule")
+    lam: float = setting(1e-4, low=0.0, flag="lambda", help="L1 weight lambda on the gates")
+    sparsity_steps: int = setting(1000, low=0, help="steps of L1 sparsity training of weights and gates")
+    finetune_steps: int = setting(1000, low=0, help="distillation fine-tuning steps after surgery (0: none)")
+    gate_lr: float | None = setting(
+        1e-2, kind="float", low=0.0, low_open=True, nullable=True, zero_is_none=True,
+        help="extra AdamW step on the gates at this rate (0: none, as the paper)",
+    )  # fmt: skip
+    grad_clip: float = setting(0.0, low=0.0, help="gradient-norm clipping (0: off)")
 
-    def __post_init__(self) -> None:
-        self.gates = _check_kinds(self.gates)
-        check_fraction(self.target, f"target {self.metric} fraction")
-        if self.metric not in METRICS:
-            raise VitPruneError(f"unknown target metric {self.metric!r} (expected one of {', '.join(METRICS)})")
-        if not isinstance(self.lam, (int, float)) or not math.isfinite(self.lam) or self.lam < 0:
-            raise VitPruneError(f"lambda must be a non-negative number, got {self.lam!r}")
-        for name in ("sparsity_steps", "finetune_steps"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 0:
-                raise VitPruneError(f"{name.replace('_', '-')} must be a non-negative integer, got {value!r}")
-        if self.gate_lr is not None and not (math.isfinite(self.gate_lr) and self.gate_lr > 0):
-            raise VitPruneError(f"gate learning rate must be positive, got {self.gate_lr!r}")
-        if self.round_to is not None and (not isinstance(self.round_to, int) or self.round_to < 1):
-            raise VitPruneError(f"round_to must be a positive integer, got {self.round_to!r}")
-        # the training configs validate lr, amp, ... now, before any training
-        self.train_config("sparsity")
-        self.train_config("finetune")
-
-    def train_config(self, phase: str, resume: bool = False, overwrite: bool = False) -> TrainConfig:
-        """The Trainer settings of ``phase`` ("sparsity" or "finetune"); a 0-step phase is skipped by the caller."""
-        if phase == "sparsity":
-            return self.trainer_config(self.sparsity_steps, self.lr, self.ckpt_every, resume, overwrite)
-        return self.trainer_config(self.finetune_steps, self.finetune_lr, self.ckpt_every, resume, overwrite)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["gates"] = list(self.gates)
-        return d
+    def check(self) -> None:
+        super().check()
+        _check_kinds(self.kinds)
 
 
-class VTPPruner:
-    """VTP end to end: gates -> L1 sparsity training -> one global threshold -> fold + surgery -> fine-tuning.
+class VTPPruner(StructuralPruner):
+    """VTP: gates -> L1 sparsity training (:meth:`prepare`) -> scores = ``|a|`` -> one global threshold ->
+    gates folded into the weights (:meth:`before_surgery`) -> surgery -> fine-tuning.
 
-    ``VTPPruner(target_macs=0.7, lam=1e-4, sparsity_steps=..., finetune_steps=..., out_dir=...).prune(model,
-    loader)`` returns the physically smaller :class:`ViT` and a JSON-friendly report. Every input is checked
-    (including whether the target is reachable by removing gated units) before any training or writing.
-
-    With ``out_dir`` the run writes ``sparsity/`` and ``finetune/`` (Trainer runs: metrics.jsonl, checkpoints),
-    ``pruned/`` (the smaller model right after surgery) and ``selection.json`` (threshold, masks, gate stats),
-    then ``model/`` (the final model),
-    ``report.json`` and ``dims.png``. ``resume=True`` continues an interrupted run from the last checkpoint.
+    With a ``workdir`` the gate training is a resumable Trainer run in ``workdir/sparsity``.
     """
 
-    def __init__(
-        self,
-        target_macs: float | None = None,
-        target_params: float | None = None,
-        *,
-        out_dir: str | os.PathLike | None = None,
-        device: str | torch.device = "cpu",
-        resume: bool = False,
-        overwrite: bool = False,
-        **settings: Any,
-    ) -> None:
-        if (target_macs is None) == (target_params is None):
-            raise VitPruneError("give exactly one target: target_macs or target_params")
-        metric, target = ("macs", target_macs) if target_macs is not None else ("params", target_params)
-        unknown = sorted(set(settings) - {f.name for f in fields(VTPConfig)} - {"target", "metric"})
-        if unknown or "target" in settings or "metric" in settings:
-            raise VitPruneError(f"unknown VTP settings: {', '.join(unknown or ['target/metric'])}")
-        self.config = VTPConfig(target=target, metric=metric, **settings)
-        self.out_dir = Path(out_dir) if out_dir is not None else None
-        self.device = torch.device(device)
-        self.resume = resume
-        self.overwrite = overwrite
+    name = "vtp"
+    paper = "Zhu, Tang & Han 2021, Vision Transformer Pruning (L1-regularised dimension gates)"
+    summary = "VTP: learned dimension gates with L1 sparsity, one global threshold, fine-tuning"
+    Config: ClassVar[type[VTPConfig]] = VTPConfig
 
-    # ------------------------------------------------------------------------------------------- checks
-    def check(self, model: nn.Module) -> GlobalThreshold:
-        """Raise :class:`VitPruneError` unless ``model`` can be pruned to the target (no training needed)."""
-        if not isinstance(model, ViT):
-            raise VitPruneError(f"VTP needs a vitprune ViT, got {type(model).__name__}")
-        existing = _has_gates(model)
-        if existing:
-            raise VitPruneError(f"model already carries gates ({existing[0]}, ...): prune or remove them first")
+    def prepare(
+        self, student: ViT, data: PruneData, teacher: nn.Module, workdir: Path | None, resume: bool, device
+    ) -> dict[str, Any]:
+        from vitprune.training.engine import Trainer
+
         cfg = self.config
-        gt = GlobalThreshold(
-            model.config, unit_scores_for(model.config, cfg.gates), cfg.metric, cfg.round_to, cfg.img_size
-        )
-        if gt.num_candidates == 0:
-            raise VitPruneError(f"the model has no prunable {'/'.join(cfg.gates)} units")
-        if gt.min_fraction > cfg.target:
-            raise VitPruneError(
-                f"target {cfg.metric} fraction {cfg.target:g} is unreachable with gates {','.join(cfg.gates)}: "
-                f"removing every gated unit leaves {gt.min_fraction:.4f} of the dense {cfg.metric}"
-            )
-        if self.out_dir is not None:
-            if self.resume:
-                if not self.out_dir.is_dir():
-                    raise VitPruneError(f"nothing to resume: {self.out_dir} does not exist")
-            elif self.out_dir.exists() and any(self.out_dir.iterdir()):
-                if not self.overwrite:
-                    raise VitPruneError(f"output exists: {self.out_dir} (use --overwrite or --resume)")
-                check_writable_target(self.out_dir, overwrite=True)
-            else:
-                check_writable_target(self.out_dir, overwrite=True)
-        return gt
-
-    # ------------------------------------------------------------------------------------------- pipeline
-    def prune(
-        self,
-        model: ViT,
-        loader: Iterable,
-        teacher: nn.Module | None = None,
-        eval_fn: Callable[[nn.Module], dict[str, Any]] | None = None,
-    ) -> tuple[ViT, dict[str, Any]]:
-        """Prune ``model`` (left unchanged) with training batches from ``loader``; see the class docstring.
-
-        ``teacher`` defaults to ``model`` itself (distillation from the dense model) when ``distill_alpha > 0``;
-        ``eval_fn(model) -> dict`` (e.g. top-1 on a validation loader) is run on the dense, the pruned (before
-        fine-tuning) and the final model for the report.
-        """
-        self.check(model)
-        flags = [(p, p.requires_grad) for p in model.parameters()]
-        mode = model.training
-        try:
-            return self._prune(model, loader, teacher, eval_fn)
-        finally:  # the Trainer freezes the teacher (by default the input model): give it back as it came
-            for p, flag in flags:
-                p.requires_grad_(flag)
-            model.train(mode)
-
-    def _prune(
-        self,
-        model: ViT,
-        loader: Iterable,
-        teacher: nn.Module | None,
-        eval_fn: Callable[[nn.Module], dict[str, Any]] | None,
-    ) -> tuple[ViT, dict[str, Any]]:
-        cfg = self.config
-        t_start = time.perf_counter()
-        out = self.out_dir
-        main = D.is_main_process()
-        if out is not None and main:
-            out.mkdir(parents=True, exist_ok=True)
-        if teacher is None and cfg.distill_alpha > 0:
-            teacher = model
-        dense_config = copy.deepcopy(model.config)
-        report: dict[str, Any] = {
-            "method": "vtp",
-            "paper": "Zhu, Tang & Han 2021, Vision Transformer Pruning (L1-regularised dimension gates)",
-            "settings": cfg.to_dict(),
-            "target": {"metric": cfg.metric, "fraction": cfg.target},
-            "dense": arch_summary(dense_config, cfg.img_size),
-        }
-        if eval_fn is not None:
-            report["dense"]["eval"] = _eval(eval_fn, model)
-
-        # ---- 1. gates + L1 sparsity training (or reload the surgery result of an interrupted run)
-        pruned_dir = out / "pruned" if out is not None else None
-        if self.resume and pruned_dir is not None and is_model_dir(pruned_dir) and (out / "selection.json").is_file():
-            small = io_load(pruned_dir).to(self.device)
-            saved = json.loads((out / "selection.json").read_text())
-            report |= saved
-        else:
-            small, phase1 = self._sparsity_and_surgery(model, loader, teacher)
-            report |= phase1
-            if out is not None and main:
-                io_save(small, pruned_dir, overwrite=True, meta={"vtp": phase1["selection"]})
-                atomic_write_text(out / "selection.json", json.dumps(phase1, indent=2) + "\n", overwrite=True)
-            D.barrier()
-        if eval_fn is not None:
-            report["pruned_before_finetune_eval"] = _eval(eval_fn, small)
-
-        # ---- 2. fine-tuning of the smaller model (distillation from the dense model by default)
-        if cfg.finetune_steps > 0:
-            trainer = Trainer(
-                small,
-                cfg.train_config("finetune", self.resume, self.overwrite or self.resume),
-                loader,
-                teacher=teacher,
-                out_dir=out / "finetune" if out is not None else None,
-                device=self.device,
-            )
-            report["finetune"] = _summary(trainer.fit())
-        small.eval()
-        report["pruned"] = arch_summary(small.config, cfg.img_size)
-        report["pruned"]["fraction"] = {
-            "macs": report["pruned"]["macs"] / report["dense"]["macs"],
-            "params": report["pruned"]["params"] / report["dense"]["params"],
-        }
-        report["pruned"]["kept_blocks"] = list(range(small.config.depth))  # VTP never removes whole blocks
-        if eval_fn is not None:
-            report["pruned"]["eval"] = _eval(eval_fn, small)
-        report["time_s"] = round(time.perf_counter() - t_start, 2)
-        if out is not None and main:
-            io_save(small, out / "model", overwrite=True, meta={"vtp": report.get("selection")})
-            self.write_report(report, dense_config, small.config)
-        D.barrier()
-        return small, report
-
-    def write_report(self, report: dict[str, Any], before: ViTConfig, after: ViTConfig) -> None:
-        """``report.json`` and the per-block dims plot ``dims.png`` (dense vs pruned) in ``out_dir``, atomically."""
-        if self.out_dir is None:
-            return
-        write_json_report(self.out_dir / "report.json", report)
-        plot_block_dims(
-            before, after, self.out_dir / "dims.png", title="VTP", kept_blocks=report["pruned"]["kept_blocks"]
-        )
-
-    def _sparsity_and_surgery(self, model: ViT, loader: Iterable, teacher: nn.Module | None) -> tuple[ViT, dict]:
-        cfg = self.config
-        out = self.out_dir
-        student = copy.deepcopy(model).to(self.device)
-        gates = attach_vtp_gates(student, cfg.gates)
+        self._gates = gates = attach_vtp_gates(student, cfg.kinds)
+        if cfg.sparsity_steps <= 0:
+            return {}
+        hooks: list[Callable] = []
+        if cfg.gate_lr is not None:
+            hooks.append(GateOptimizerHook(gates, cfg.gate_lr, cfg.lr))
+        hooks.append(GateLogHook(gates, cfg.log_every))
         lam = float(cfg.lam)
-        result: dict[str, Any] = {}
-        if cfg.sparsity_steps > 0:
-            hooks: list[Callable] = []
-            if cfg.gate_lr is not None:
-                hooks.append(GateOptimizerHook(gates, cfg.gate_lr, cfg.lr))
-            hooks.append(GateLogHook(gates, cfg.log_every))
-            trainer = Trainer(
-                student,
-                cfg.train_config("sparsity", self.resume, self.overwrite or self.resume),
-                loader,
-                teacher=teacher,
-                out_dir=out / "sparsity" if out is not None else None,
-                device=self.device,
-                hooks=hooks,
-                regularizer=lambda _m: lam * l1_penalty(gates),
-            )
-            result["sparsity"] = _summary(trainer.fit())
-            result["gate_log"] = trainer.extra_state.get(GateLogHook.KEY, [])
+        trainer = Trainer(
+            student,
+            cfg.trainer_config(cfg.sparsity_steps, cfg.lr, cfg.ckpt_every, resume, True),
+            data.train,
+            teacher=teacher,
+            out_dir=workdir / "sparsity" if workdir is not None else None,
+            device=device,
+            hooks=hooks,
+            regularizer=lambda _m: lam * l1_penalty(gates),
+        )
+        summary = {k: v for k, v in trainer.fit().items() if k != "config"}
         student.eval()
-        gt = GlobalThreshold(model.config, gates, cfg.metric, cfg.round_to, cfg.img_size)
-        _, masks, info = gt.select(cfg.target)
-        result["selection"] = info
-        result["gates"] = {
+        return {"sparsity": summary, "gate_log": trainer.extra_state.get(GateLogHook.KEY, [])}
+
+    def scores(
+        self, student: ViT, batches: Iterator, teacher: nn.Module, round_index: int, device: torch.device
+    ) -> dict[str, Tensor]:
+        gates = getattr(self, "_gates", None) or vtp_gates(student)  # attach order: ties spread as in the paper code
+        return {k: g.detach() for k, g in gates.items()}
+
+    def before_surgery(self, student: ViT, masks: StructuralMasks, data: PruneData, device: torch.device) -> Any:
+        gates = vtp_gates(student)
+        stats = {
             key: {"kept": int(masks.get(key).sum()), "total": int(g.numel())} | gate_stats({key: g})
             for key, g in gates.items()
         }
-        result["masks"] = masks.to_dict()
-        probe = _first_images(loader, self.device)
+        probe = _first_images(data.train, device)
         zero_removed_gates(student, masks)
         with torch.no_grad():
             gated_out = student(probe) if probe is not None else None
         fold_emb_gate(student)
-        small = prune_model(student, masks).eval()
-        if probe is not None:
+        return {"gates": stats, "probe": probe, "gated_out": gated_out}
+
+    def after_surgery(self, small: ViT, state: Any) -> dict[str, Any]:
+        out: dict[str, Any] = {"gates": state["gates"]}
+        if state["probe"] is not None:
             with torch.no_grad():
-                diff = (small(probe) - gated_out).abs().max()
-            result["fold_check"] = {"max_abs_logit_diff": float(diff), "images": int(probe.shape[0])}
-        return small, result
+                diff = (small.eval()(state["probe"]) - state["gated_out"]).abs().max()
+            out["fold_check"] = {"max_abs_logit_diff": float(diff), "images": int(state["probe"].shape[0])}
+        return out
 
 
 def _first_images(loader: Iterable, device: torch.device, n: int = 8) -> Tensor | None:
@@ -701,14 +370,17 @@ def _first_images(loader: Iterable, device: torch.device, n: int = 8) -> Tensor 
     return x[:n].to(device)
 
 
-def _summary(summary: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in summary.items() if k != "config"}
-
-
-def _eval(eval_fn: Callable[[nn.Module], dict[str, Any]], model: nn.Module) -> dict[str, Any]:
-    was = model.training
-    model.eval()
-    with torch.no_grad():
-        result = dict(eval_fn(model))
-    model.train(was)
-    return result
+__all__ = [
+    "DEFAULT_GATES",
+    "GATE_KINDS",
+    "GateLogHook",
+    "GateOptimizerHook",
+    "VTPConfig",
+    "VTPPruner",
+    "attach_vtp_gates",
+    "fold_emb_gate",
+    "gate_stats",
+    "l1_penalty",
+    "vtp_gates",
+    "zero_removed_gates",
+]

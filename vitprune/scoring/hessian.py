@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from vitprune.errors import VitPruneError
-from vitprune.models.vit import GATE_NAMES
+from vitprune.models.vit import GATE_NAMES, logits_of
 from vitprune.structures.groups import block_param_names, emb_axes, unit_key
 
 MODES = ("labels", "distill")
@@ -163,9 +163,7 @@ def saliency_loss(
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """The loss whose gradients feed the saliency (see the module docstring for the two modes)."""
-    logits = model(images)
-    if isinstance(logits, tuple):
-        logits = (logits[0] + logits[1]) / 2
+    logits = logits_of(model(images))
     if mode == "labels":
         if labels is None:
             raise VitPruneError("saliency mode 'labels' needs labelled batches (or use mode 'distill')")
@@ -174,9 +172,7 @@ def saliency_loss(
         if teacher is None:
             raise VitPruneError("saliency mode 'distill' needs the dense teacher model")
         with torch.no_grad():
-            t = teacher(images)
-            if isinstance(t, tuple):
-                t = (t[0] + t[1]) / 2
+            t = logits_of(teacher(images))
             probs = torch.softmax(t.float(), dim=-1)
             sampled = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(logits.device)
         return F.cross_entropy(logits.float(), sampled)

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from vitprune.errors import VitPruneError
 from vitprune.models.config import BlockConfig, ViTConfig
 from vitprune.models.io import attach_gate
+from vitprune.models.vit import GATE_NAMES, KIND_GATES
 from vitprune.structures.groups import BLOCK_UNIT_KINDS, Group, parse_key, unit_count, unit_key
 
 _FIELDS = BLOCK_UNIT_KINDS  # ("heads", "qk", "v", "mlp")
@@ -63,13 +64,8 @@ class StructuralMasks:
         if model.emb_mask is not None:
             masks.emb = model.emb_mask.detach().cpu() != 0
         for bm, blk in zip(masks.blocks, model.blocks, strict=True):
-            for name, module, gate in (
-                ("heads", blk.attn, "head_gate"),
-                ("qk", blk.attn, "qk_gate"),
-                ("v", blk.attn, "v_gate"),
-                ("mlp", blk.mlp, "gate"),
-            ):
-                value = getattr(module, gate)
+            for name, (sub, gate) in KIND_GATES.items():
+                value = getattr(getattr(blk, sub), gate)
                 if value is not None:
                     setattr(bm, name, value.detach().cpu().reshape(-1) != 0)
             if blk.branch_gate is not None and bool((blk.branch_gate == 0).all()):
@@ -194,10 +190,8 @@ def apply_masks(model: nn.Module, masks: StructuralMasks) -> nn.Module:
     ref = model.pos_embed
     _set_gate(model, "emb_mask", masks.emb, ref)
     for bm, blk in zip(masks.blocks, model.blocks, strict=True):
-        _set_gate(blk.attn, "head_gate", bm.heads, ref)
-        _set_gate(blk.attn, "qk_gate", bm.qk, ref)
-        _set_gate(blk.attn, "v_gate", bm.v, ref)
-        _set_gate(blk.mlp, "gate", bm.mlp, ref)
+        for name, (sub, gate) in KIND_GATES.items():
+            _set_gate(getattr(blk, sub), gate, getattr(bm, name), ref)
         _set_gate(blk, "branch_gate", torch.tensor([bm.keep, bm.keep]), ref)
     return model
 
@@ -206,7 +200,7 @@ def remove_masks(model: nn.Module) -> nn.Module:
     """Clear every gate *buffer* (learnable gate parameters are left alone)."""
     modules = [model] + [m for blk in model.blocks for m in (blk, blk.attn, blk.mlp)]
     for module in modules:
-        for name in ("emb_mask", "head_gate", "qk_gate", "v_gate", "gate", "branch_gate"):
+        for name in GATE_NAMES:
             if name in module._buffers:
                 module._buffers[name] = None
     return model

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from vitprune.errors import VitPruneError
-from vitprune.models.vit import ViT
+from vitprune.models.vit import GATE_NAMES, ViT
 from vitprune.structures.groups import proj_cols, qkv_rows, unit_key
 from vitprune.structures.masks import StructuralMasks, architecture_after, effective_block
 
@@ -75,6 +75,28 @@ def round_masks(
     return out, report
 
 
+def resolve_masks(
+    model: ViT,
+    masks: StructuralMasks | None = None,
+    round_to: int | None = None,
+    scores: dict[str, Tensor] | None = None,
+) -> tuple[StructuralMasks, dict[str, Any] | None]:
+    """The masks surgery applies to ``model``: ``masks`` AND the model's own gates, normalised (an attention
+    with no head or V dim left is removed whole), then rounded up to ``round_to`` (best ``scores`` first).
+    Returns (masks, rounding report or None)."""
+    config = model.config
+    gated = StructuralMasks.from_model(model)
+    masks = gated if masks is None else _and(masks, gated)
+    masks.validate(config)
+    if model.emb_mask is not None and not bool(((model.emb_mask == 0) | (model.emb_mask == 1)).all()):
+        raise VitPruneError("emb_mask must be a 0/1 mask to fold (LayerNorm statistics depend on it)")
+    masks = _normalise(masks, config)
+    rounding = None
+    if round_to:
+        masks, rounding = round_masks(config, masks, round_to, scores)
+    return masks, rounding
+
+
 def prune_model(
     model: ViT,
     masks: StructuralMasks | None = None,
@@ -94,15 +116,8 @@ def prune_model_with_report(
 ) -> tuple[ViT, dict[str, Any]]:
     """:func:`prune_model` plus a report (kept counts, rounding additions)."""
     config = model.config
-    gated = StructuralMasks.from_model(model)
-    masks = gated if masks is None else _and(masks, gated)
-    masks.validate(config)
-    if model.emb_mask is not None and not bool(((model.emb_mask == 0) | (model.emb_mask == 1)).all()):
-        raise VitPruneError("emb_mask must be a 0/1 mask to fold (LayerNorm statistics depend on it)")
-    masks = _normalise(masks, config)
-    report: dict[str, Any] = {"rounding": None}
-    if round_to:
-        masks, report["rounding"] = round_masks(config, masks, round_to, scores)
+    masks, rounding = resolve_masks(model, masks, round_to, scores)
+    report: dict[str, Any] = {"rounding": rounding}
     new_config = architecture_after(config, masks)
     ref = model.pos_embed
     state = {k: v for k, v in model.state_dict().items() if k.rsplit(".", 1)[-1] not in _GATES}
@@ -178,4 +193,4 @@ def prune_model_with_report(
     return pruned, report
 
 
-_GATES = {"head_gate", "qk_gate", "v_gate", "gate", "branch_gate", "emb_mask"}
+_GATES = set(GATE_NAMES)
