@@ -54,9 +54,10 @@ def add_data_args(p: argparse.ArgumentParser, *, val_help: str, classes_last: bo
 
 
 def add_preprocess_args(g: argparse._ActionsContainer) -> None:
-    """``--preset``, ``--arch-preset`` and ``--img-size``: how the model is read and its images prepared."""
-    g.add_argument("--preset", default="shared", help="preprocessing preset when the model records none")
-    g.add_argument("--arch-preset", default=None, help="architecture preset for bare timm weights")
+    """``--preset`` (architecture), ``--preprocess`` and ``--img-size``: how the model is read and its images
+    prepared (the same two flag names in every command)."""
+    g.add_argument("--preset", default=None, help="architecture for a checkpoint that does not record it (timm name)")
+    g.add_argument("--preprocess", default="shared", help="preprocessing preset when the model records none")
     g.add_argument("--img-size", type=int, default=None)
 
 
@@ -70,76 +71,6 @@ def add_limit_args(g: argparse._ActionsContainer, *, limit_help: str | None) -> 
     g.add_argument("--limit-per-class", type=int, default=None, help=limit_help)
     g.add_argument("--val-limit-per-class", type=int, default=None)
     g.add_argument("--eval-batch-size", type=int, default=64)
-
-
-def add_prune_inputs(p: argparse.ArgumentParser) -> argparse._MutuallyExclusiveGroup:
-    """The pruning commands' MODEL, ``--data``/``--classes``/``--val`` and the required target group with
-    ``--target-macs`` and ``--target-params``; returns the group for further targets."""
-    p.add_argument("model", help="model to prune (vitprune dir, timm .pth/.safetensors, Hugging Face dir)")
-    add_data_args(p, val_help="validation images: dense, pruned and final top-1 in the report")
-    t = p.add_mutually_exclusive_group(required=True)
-    t.add_argument("--target-macs", type=float, default=None, help="keep this fraction of the dense MACs, in (0, 1]")
-    t.add_argument("--target-params", type=float, default=None, help="keep this fraction of the parameters")
-    return t
-
-
-def add_distill_train_args(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
-    """The "training" group of the pruning commands (optimizer, AMP, teacher and distillation options).
-
-    Returns the group: the caller adds its augmentation options and ``--seed`` after these.
-    """
-    tr = p.add_argument_group("training")
-    tr.add_argument("--batch-size", type=int, default=64, help="global batch size")
-    tr.add_argument("--min-lr", type=float, default=1e-6)
-    tr.add_argument("--weight-decay", type=float, default=0.05)
-    tr.add_argument("--warmup-steps", type=int, default=0)
-    tr.add_argument("--grad-clip", type=float, default=1.0, help="0 disables")
-    tr.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none")
-    tr.add_argument("--teacher", default=None, help="teacher for distillation (default: the dense model)")
-    tr.add_argument("--distill-alpha", type=float, default=1.0, help="1: distillation only (no labels used)")
-    tr.add_argument("--distill-temperature", type=float, default=1.0)
-    tr.add_argument("--label-smoothing", type=float, default=0.0)
-    return tr
-
-
-def add_prune_run_args(p: argparse.ArgumentParser, *, out_help: str, ckpt_help: str) -> argparse._ArgumentGroup:
-    """The "data and run" group of the pruning commands: preprocessing, limits, output/resume and runtime."""
-    d = p.add_argument_group("data and run")
-    add_preprocess_args(d)
-    add_limit_args(d, limit_help="use the first N training images per class")
-    d.add_argument("--out", required=True, help=out_help)
-    d.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
-    d.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
-    d.add_argument("--ckpt-every", type=int, default=200, help=ckpt_help)
-    d.add_argument("--log-every", type=int, default=50)
-    d.add_argument("--workers", type=int, default=0)
-    d.add_argument("--device", default="auto", help="cpu, cuda or auto")
-    d.add_argument("--threads", type=int, default=None)
-    d.add_argument("--no-progress", action="store_true")
-    return d
-
-
-def pruner_train_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """The pruner keywords of the options added by :func:`add_distill_train_args` and :func:`add_prune_run_args`
-    (and ``--seed``): output/resume, optimizer, distillation, image size, checkpoints, logging and progress."""
-    return {
-        "out_dir": args.out,
-        "resume": args.resume,
-        "overwrite": args.overwrite,
-        "min_lr": args.min_lr,
-        "weight_decay": args.weight_decay,
-        "warmup_steps": args.warmup_steps,
-        "grad_clip": args.grad_clip,
-        "amp": args.amp,
-        "distill_alpha": args.distill_alpha,
-        "distill_temperature": args.distill_temperature,
-        "label_smoothing": args.label_smoothing,
-        "img_size": args.img_size,
-        "seed": args.seed,
-        "ckpt_every": args.ckpt_every,
-        "log_every": args.log_every,
-        "progress": not args.no_progress,
-    }
 
 
 # ------------------------------------------------------------------------------------------- runtime
@@ -172,7 +103,7 @@ def load_teacher(args: argparse.Namespace, model: ViT) -> ViT | None:
     """The ``--teacher`` model (None without one); it must have as many classes as ``model``."""
     from vitprune.models.checkpoints import load_model
 
-    teacher = load_model(args.teacher, preset=args.arch_preset) if args.teacher else None
+    teacher = load_model(args.teacher, preset=args.preset) if args.teacher else None
     if teacher is not None and teacher.config.num_classes != model.config.num_classes:
         raise VitPruneError(
             f"teacher has {teacher.config.num_classes} classes but the model has {model.config.num_classes}"

@@ -29,7 +29,12 @@ from vitprune.models.config import BlockConfig, ViTConfig
 
 GATE_NAMES = ("head_gate", "qk_gate", "v_gate", "gate", "branch_gate", "emb_mask")
 # the one kind -> gate table: a structure kind of a block and the (submodule, buffer/parameter) gating it
-KIND_GATES = {"heads": ("attn", "head_gate"), "qk": ("attn", "qk_gate"), "v": ("attn", "v_gate"), "mlp": ("mlp", "gate")}
+KIND_GATES = {
+    "heads": ("attn", "head_gate"),
+    "qk": ("attn", "qk_gate"),
+    "v": ("attn", "v_gate"),
+    "mlp": ("mlp", "gate"),
+}
 
 
 def masked_layer_norm(x: Tensor, norm: nn.LayerNorm, mask: Tensor | None) -> Tensor:

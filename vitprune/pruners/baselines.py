@@ -28,7 +28,6 @@ import torch
 from torch import Tensor, nn
 
 from vitprune.errors import VitPruneError
-from vitprune.pruners.base import UnstructuredConfig, UnstructuredPruner
 from vitprune.pruners.calibration import (
     DEFAULT_PATTERNS,
     InputStats,
@@ -42,6 +41,7 @@ from vitprune.pruners.calibration import (
     split_batch,
 )
 from vitprune.pruners.settings import setting
+from vitprune.pruners.unstructured import UnstructuredConfig, UnstructuredPruner
 
 BASELINES = ("gm", "um", "wanda", "sparsegpt")
 

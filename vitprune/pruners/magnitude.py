@@ -19,8 +19,8 @@ import torch
 from torch import Tensor, nn
 
 from vitprune.models.vit import ViT
-from vitprune.pruners.base import StructuralConfig, StructuralPruner
 from vitprune.pruners.settings import setting
+from vitprune.pruners.structural import StructuralConfig, StructuralPruner
 from vitprune.scoring.magnitude import l2_group_scores, taylor_group_scores
 
 MAGNITUDE_KINDS = ("heads", "qk", "v", "mlp", "emb")

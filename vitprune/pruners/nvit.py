@@ -32,8 +32,8 @@ import torch
 from torch import Tensor, nn
 
 from vitprune.models.vit import ViT
-from vitprune.pruners.base import StructuralConfig, StructuralPruner
 from vitprune.pruners.settings import setting
+from vitprune.pruners.structural import StructuralConfig, StructuralPruner
 from vitprune.scoring.hessian import MODES, HessianSaliency, compute_saliency
 
 
@@ -44,7 +44,10 @@ class NViTConfig(StructuralConfig):
     prune_steps: int = setting(10, low=1, help="removal rounds (each reaches 1 - (1 - target) * step / steps)")
     batches_per_step: int = setting(8, low=1, help="saliency batches accumulated before each round")
     saliency_mode: str = setting(
-        "labels", choices=MODES, flag="saliency", help="gradients from the labels or from labels sampled from the teacher"
+        "labels",
+        choices=MODES,
+        flag="saliency",
+        help="gradients from the labels or from labels sampled from the teacher",
     )
 
 

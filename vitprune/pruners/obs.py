@@ -40,6 +40,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from vitprune.errors import VitPruneError
+from vitprune.pruners.base import PruneResult, as_data, run_eval
 from vitprune.pruners.calibration import (
     LossFn,
     SparsePruneResult,
@@ -48,10 +49,10 @@ from vitprune.pruners.calibration import (
     iter_gradients,
     sparsity_report,
 )
+from vitprune.pruners.settings import setting, validate_settings
+from vitprune.pruners.unstructured import UnstructuredConfig, UnstructuredPruner
 from vitprune.scoring.fisher import FISHER_MODES, BlockLayout, FisherInverses
 from vitprune.scoring.obs import allocate_counts, greedy_obs, prefix_mask, replay_prefix
-from vitprune.pruners.base import PruneResult, UnstructuredConfig, UnstructuredPruner, as_data, run_eval
-from vitprune.pruners.settings import setting, validate_settings
 from vitprune.utils.fs import atomic_path, atomic_write_text
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}

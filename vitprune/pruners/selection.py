@@ -285,7 +285,9 @@ class GlobalThreshold:
         for key, s in self.scores.items():
             kind, b = parse_key(key)
             if s.numel() != unit_count(config, kind, b):
-                raise VitPruneError(f"scores {key} have {s.numel()} values, the model has {unit_count(config, kind, b)}")
+                raise VitPruneError(
+                    f"scores {key} have {s.numel()} values, the model has {unit_count(config, kind, b)}"
+                )
             cand = torch.arange(s.numel())
             if kind == "emb":
                 cand = cand[cand != int(torch.argmax(s))]

@@ -83,7 +83,7 @@ def _kind_of(default: Any) -> str:
 def setting(
     default: Any = MISSING,
     *,
-    help: str = "",  # noqa: A002 - the argparse word
+    help: str = "",
     kind: str | None = None,
     default_factory: Callable[[], Any] | Any = MISSING,
     **spec: Any,
@@ -238,8 +238,14 @@ def _cli_parse(spec: Spec, name: str) -> Callable[[str], Any]:
             else:
                 value = text
             if spec.nargs:  # one item of a list option
-                item = Spec(kind="float" if spec.kind == "floats" else "str", low=spec.low, high=spec.high,
-                            low_open=spec.low_open, high_open=spec.high_open, choices=spec.choices)
+                item = Spec(
+                    kind="float" if spec.kind == "floats" else "str",
+                    low=spec.low,
+                    high=spec.high,
+                    low_open=spec.low_open,
+                    high_open=spec.high_open,
+                    choices=spec.choices,
+                )
                 return check_value(_float_text(value, where) if spec.kind == "floats" else value, item, where)
             if spec.zero_is_none and value == 0:
                 return None

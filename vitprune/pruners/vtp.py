@@ -50,8 +50,9 @@ from torch.nn.utils import parametrize
 from vitprune.errors import VitPruneError
 from vitprune.models.io import attach_gate
 from vitprune.models.vit import GATE_NAMES, KIND_GATES, ViT
-from vitprune.pruners.base import PruneData, StructuralConfig, StructuralPruner
+from vitprune.pruners.base import PruneData
 from vitprune.pruners.settings import setting
+from vitprune.pruners.structural import StructuralConfig, StructuralPruner
 from vitprune.structures.groups import unit_count, unit_key
 from vitprune.structures.masks import StructuralMasks, apply_masks
 
@@ -144,8 +145,6 @@ def _has_gates(model: ViT) -> list[str]:
     if emb_gate(model) is not None:
         found.append("emb")
     return found
-
-
 
 
 def attach_vtp_gates(model: ViT, kinds: Sequence[str] = DEFAULT_GATES) -> dict[str, nn.Parameter]:

@@ -4,17 +4,22 @@ A recipe file (``vitprune/recipes/<name>.yaml`` ships with the package; any othe
 
     name: nvit-deit-imagenet        # must equal the file name (without .yaml) for packaged recipes
     version: 1                      # the recipe's own revision, a positive integer
-    method: nvit                    # nvit | obs | vtp (the ``vitprune prune`` sub-command)
+    method: nvit                    # a registered method (``vitprune.pruners.available()``) or ``pipeline``
     description: one line
     sources: [METHODS.md section 2, ...]
     expected: {...}                 # optional, free-form: the published results this recipe aims at
     settings:                       # validated against the method's schema (the CLI's long option names)
       target_macs: 0.5
       lr: 1.0e-4
+    stages:                         # only for ``method: pipeline``: methods run one after the other
+      - {method: nvit, settings: {target_macs: 0.7}}
+      - {method: obs, settings: {sparsity: [0.5]}}
 
 Every ``settings`` key is a long option of ``vitprune prune METHOD`` with ``-`` written as ``_``
-(``--finetune-steps`` -> ``finetune_steps``, VTP's ``--lambda`` -> ``lambda``). An unknown or mistyped key, a
-value of the wrong type or out of range is a :class:`VitPruneError` naming the key and the recipe file.
+(``--finetune-steps`` -> ``finetune_steps``, VTP's ``--lambda`` -> ``lambda``): the schema is generated from
+the method's config dataclass and :class:`~vitprune.pruners.run_options.RunOptions`, the fields the CLI options
+come from. An unknown or mistyped key, a value of the wrong type or out of range is a :class:`VitPruneError`
+naming the key and the recipe file.
 
 On the command line, :func:`add_recipe_option` gives a prune parser ``--recipe``: the recipe's values become
 the parser's *defaults*, so every flag given explicitly on the command line wins (argparse semantics).
@@ -23,7 +28,6 @@ the parser's *defaults*, so every flag given explicitly on the command line wins
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 from collections.abc import Sequence
@@ -36,152 +40,44 @@ import yaml
 
 from vitprune.errors import VitPruneError
 
-METHODS = ("nvit", "obs", "vtp")
-TOP_LEVEL_KEYS = ("name", "version", "method", "description", "sources", "expected", "settings")
+PIPELINE = "pipeline"
+TOP_LEVEL_KEYS = ("name", "version", "method", "description", "sources", "expected", "settings", "stages")
 REQUIRED_KEYS = ("name", "version", "method", "settings")
 
 
 # ------------------------------------------------------------------------------------------------ schema
-@dataclass(frozen=True)
-class Field:
-    """Type and range of one recipe setting.
+def methods() -> list[str]:
+    """Methods a recipe may name: the registry's, plus ``pipeline`` (stages of methods)."""
+    from vitprune.pruners import available
 
-    ``kind``: ``float``, ``int``, ``bool``, ``str``, ``floats`` / ``strs`` (lists), ``int_map`` (a mapping of
-    names to integers) or ``pair`` (two floats). ``low``/``high`` bound numbers (and list items), ``choices``
-    restricts strings (and list items / map keys), ``nullable`` allows ``null``.
-    """
-
-    kind: str
-    low: float | None = None
-    high: float | None = None
-    low_open: bool = False
-    high_open: bool = False
-    choices: tuple[str, ...] | None = None
-    nullable: bool = False
+    return [*available(), PIPELINE]
 
 
-def _frac() -> Field:
-    return Field("float", 0.0, 1.0, low_open=True)
+def schema(method: str, run_options: bool = True) -> dict[str, Any]:
+    """``{recipe key: (field, Spec)}`` of ``method``: generated from its config dataclass (and the shared
+    :class:`~vitprune.pruners.run_options.RunOptions`), the same fields the CLI options come from."""
+    from vitprune.pruners import get
+    from vitprune.pruners.run_options import RunOptions
+    from vitprune.pruners.settings import schema_of
+
+    classes = [get(method).Config] if method != PIPELINE else []
+    return schema_of(*classes, *([RunOptions] if run_options else []))
 
 
-def _pos_int() -> Field:
-    return Field("int", 1)
-
-
-def _nonneg_int() -> Field:
-    return Field("int", 0)
-
-
-def _nonneg() -> Field:
-    return Field("float", 0.0)
-
-
-def _pos() -> Field:
-    return Field("float", 0.0, low_open=True)
-
-
-_AMP = ("none", "bf16", "fp16")
-
-# Settings shared by the training phases of NViT and VTP (names of their CLI options).
-_TRAINING: dict[str, Field] = {
-    "batch_size": _pos_int(),
-    "min_lr": _nonneg(),
-    "weight_decay": _nonneg(),
-    "warmup_steps": _nonneg_int(),
-    "grad_clip": _nonneg(),
-    "amp": Field("str", choices=_AMP),
-    "distill_alpha": Field("float", 0.0, 1.0),
-    "distill_temperature": _pos(),
-    "label_smoothing": Field("float", 0.0, 1.0, high_open=True),
-    "seed": _nonneg_int(),
-    "preset": Field("str"),
-    "img_size": Field("int", 1, nullable=True),
-    "limit_per_class": Field("int", 1, nullable=True),
-    "val_limit_per_class": Field("int", 1, nullable=True),
-    "eval_batch_size": _pos_int(),
-    "ckpt_every": _nonneg_int(),
-    "log_every": _pos_int(),
-}
-
-SCHEMAS: dict[str, dict[str, Field]] = {
-    "nvit": {
-        "target_macs": _frac(),
-        "target_params": _frac(),
-        "target_latency": _frac(),
-        "kinds": Field("strs", choices=("heads", "qk", "v", "mlp", "emb", "block")),
-        "chunks": Field("int_map", 1, choices=("emb", "heads", "qk", "v", "mlp")),
-        "prune_steps": _pos_int(),
-        "batches_per_step": _pos_int(),
-        "saliency": Field("str", choices=("labels", "distill")),
-        "criterion": Field("str", choices=("saliency", "per_cost")),
-        "latency_weight": _nonneg(),
-        "eta": Field("float", 0.0, nullable=True),
-        "min_emb": Field("int", 1, nullable=True),
-        "round_to": _nonneg_int(),
-        "train_steps_between": _nonneg_int(),
-        "finetune_steps": _nonneg_int(),
-        "lr": _pos(),
-        "finetune_lr": _pos(),
-        "augment": Field("bool"),
-        **_TRAINING,
-    },
-    "vtp": {
-        "target_macs": _frac(),
-        "target_params": _frac(),
-        "lambda": _nonneg(),
-        "gates": Field("strs", choices=("qk", "v", "mlp", "heads", "emb")),
-        "sparsity_steps": _nonneg_int(),
-        "finetune_steps": _nonneg_int(),
-        "lr": _pos(),
-        "gate_lr": _nonneg(),
-        "finetune_lr": _pos(),
-        "round_to": Field("int", 1, nullable=True),
-        "crop_scale": Field("pair", 0.0, 1.0, low_open=True),
-        "hflip": Field("float", 0.0, 1.0),
-        **_TRAINING,
-    },
-    "obs": {
-        "sparsity": Field("floats", 0.0, 1.0, high_open=True),
-        "method": Field("str", choices=("obs", "gm", "um", "wanda", "sparsegpt")),
-        "nm": Field("str", nullable=True),
-        "block_size": _pos_int(),
-        "num_grads": _pos_int(),
-        "damp": Field("float", 0.0, low_open=True, nullable=True),
-        "damp_absolute": Field("bool"),
-        "fisher_labels": Field("str", choices=("data", "model")),
-        "grad_mode": Field("str", choices=("per_sample", "batch")),
-        "fisher_mode": Field("str", choices=("accumulate", "woodbury")),
-        "allocation": Field("str", choices=("global", "layer")),
-        "max_memory_gb": _nonneg(),
-        "auto_block_size": Field("bool"),
-        "calib_images": Field("int", 1, nullable=True),
-        "batch_size": _pos_int(),
-        "gradual": Field("bool"),
-        "schedule": Field("floats", 0.0, 1.0, high_open=True, nullable=True),
-        "steps_per_level": _pos_int(),
-        "train_batch_size": _pos_int(),
-        "lr": _pos(),
-        "min_lr": _nonneg(),
-        "weight_decay": _nonneg(),
-        "warmup_steps": _nonneg_int(),
-        "grad_clip": _nonneg(),
-        "distill_alpha": Field("float", 0.0, 1.0),
-        "eval_every": _nonneg_int(),
-        "ckpt_every": _nonneg_int(),
-        "compressed": Field("bool"),
-        "preset": Field("str"),
-        "val_limit_per_class": Field("int", 1, nullable=True),
-        "seed": _nonneg_int(),
-    },
-}
-# At most one of these may be set (the CLI's mutually exclusive target options).
-EXCLUSIVE = {"nvit": ("target_macs", "target_params", "target_latency"), "vtp": ("target_macs", "target_params")}
+def exclusive(method: str) -> dict[str, list[str]]:
+    """Mutually exclusive groups of recipe keys (the CLI's target options)."""
+    groups: dict[str, list[str]] = {}
+    for key, (_, spec) in schema(method).items():
+        if spec.group:
+            groups.setdefault(spec.group, []).append(key)
+    return groups
 
 
 # ------------------------------------------------------------------------------------------------ recipes
 @dataclass
 class Recipe:
-    """A validated recipe: ``settings`` hold YAML values checked against :data:`SCHEMAS` ``[method]``."""
+    """A validated recipe: ``settings`` hold YAML values checked against :func:`schema` ``(method)``;
+    a ``pipeline`` recipe has ``stages``: ``[{"method": ..., "settings": {...}}, ...]``."""
 
     name: str
     version: int
@@ -191,10 +87,14 @@ class Recipe:
     sources: list[str] = field(default_factory=list)
     expected: dict[str, Any] = field(default_factory=dict)
     path: str | None = None
+    stages: list[dict[str, Any]] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
-        """JSON-friendly identification (for run reports)."""
-        return {"name": self.name, "version": self.version, "method": self.method, "path": self.path}
+        """JSON-friendly identification (for run reports); a pipeline's stages included."""
+        out = {"name": self.name, "version": self.version, "method": self.method, "path": self.path}
+        if self.stages:
+            out["stages"] = self.stages
+        return out
 
 
 def recipes_dir() -> Path:
@@ -262,23 +162,24 @@ def validate_recipe(data: Any, source: str = "<recipe>") -> Recipe:
         raise VitPruneError(f"recipe {source}: 'name' must be a non-empty string")
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise VitPruneError(f"recipe {source}: 'version' must be a positive integer, got {version!r}")
-    if method not in METHODS:
-        raise VitPruneError(f"recipe {source}: unknown method {method!r} (expected one of {', '.join(METHODS)})")
-    settings = data["settings"]
-    if not isinstance(settings, dict):
-        raise VitPruneError(f"recipe {source}: 'settings' must be a mapping")
-    schema = SCHEMAS[method]
-    checked = {}
-    for key, value in settings.items():
-        if key not in schema:
-            hint = _close_match(str(key), schema)
-            raise VitPruneError(
-                f"recipe {source}: unknown {method} setting {key!r}" + (f" (did you mean {hint!r}?)" if hint else "")
-            )
-        checked[key] = _check_value(value, schema[key], f"recipe {source}: setting {key!r}")
-    given = [k for k in EXCLUSIVE.get(method, ()) if checked.get(k) is not None]
-    if len(given) > 1:
-        raise VitPruneError(f"recipe {source}: settings {' and '.join(map(repr, given))} exclude each other")
+    if method not in methods():
+        raise VitPruneError(f"recipe {source}: unknown method {method!r} (expected one of {', '.join(methods())})")
+    checked = _check_settings(data["settings"], method, f"recipe {source}", run_options=True)
+    stages: list[dict[str, Any]] = []
+    if method == PIPELINE:
+        raw = data.get("stages")
+        if not isinstance(raw, list) or not raw:
+            raise VitPruneError(f"recipe {source}: a pipeline needs 'stages': a list of {{method, settings}}")
+        for i, stage in enumerate(raw):
+            where = f"recipe {source}: stage {i + 1}"
+            if not isinstance(stage, dict) or set(stage) - {"method", "settings"} or "method" not in stage:
+                raise VitPruneError(f"{where} must be a mapping with 'method' and 'settings'")
+            if stage["method"] not in methods() or stage["method"] == PIPELINE:
+                raise VitPruneError(f"{where}: unknown method {stage['method']!r}")
+            settings = _check_settings(stage.get("settings") or {}, stage["method"], where, run_options=False)
+            stages.append({"method": stage["method"], "settings": _fields(settings, stage["method"])})
+    elif "stages" in data:
+        raise VitPruneError(f"recipe {source}: 'stages' is only for method 'pipeline'")
     sources = data.get("sources", [])
     if isinstance(sources, str):
         sources = [sources]
@@ -290,99 +191,48 @@ def validate_recipe(data: Any, source: str = "<recipe>") -> Recipe:
     description = data.get("description") or ""
     if not isinstance(description, str):
         raise VitPruneError(f"recipe {source}: 'description' must be a string")
-    return Recipe(name, version, method, checked, description.strip(), sources, expected, source)
+    return Recipe(name, version, method, checked, description.strip(), sources, expected, source, stages)
 
 
-def _close_match(key: str, schema: dict[str, Field]) -> str | None:
+def _check_settings(settings: Any, method: str, where: str, run_options: bool) -> dict[str, Any]:
+    """Validated ``{recipe key: value}``: every key must be a setting of ``method`` (or a run option)."""
+    from vitprune.pruners.settings import check_value
+
+    if not isinstance(settings, dict):
+        raise VitPruneError(f"{where}: 'settings' must be a mapping")
+    keys = schema(method, run_options)
+    checked = {}
+    for key, value in settings.items():
+        if key not in keys:
+            hint = _close_match(str(key), keys)
+            raise VitPruneError(
+                f"{where}: unknown {method} setting {key!r}" + (f" (did you mean {hint!r}?)" if hint else "")
+            )
+        checked[key] = check_value(value, keys[key][1], f"{where}: setting {key!r}")
+    for group in exclusive(method).values():
+        given = [k for k in group if checked.get(k) is not None]
+        if len(given) > 1:
+            raise VitPruneError(f"{where}: settings {' and '.join(map(repr, given))} exclude each other")
+    return checked
+
+
+def _fields(settings: dict[str, Any], method: str) -> dict[str, Any]:
+    """Recipe keys -> config field names (``lambda`` -> ``lam``, ``damp_absolute: true`` -> ``damp_relative``)."""
+    keys = schema(method, run_options=False)
+    out = {}
+    for key, value in settings.items():
+        name, spec = keys[key]
+        if spec.kind == "bool" and spec.invert:
+            value = not value
+        out[name] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def _close_match(key: str, keys: dict[str, Any]) -> str | None:
     import difflib
 
-    hits = difflib.get_close_matches(key, list(schema), n=1, cutoff=0.75)
+    hits = difflib.get_close_matches(key, list(keys), n=1, cutoff=0.75)
     return hits[0] if hits else None
-
-
-def _number(value: Any, kind: str, where: str) -> float | int:
-    if isinstance(value, bool):
-        raise VitPruneError(f"{where} must be a number, got {value!r}")
-    if kind == "int":
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise VitPruneError(f"{where} must be an integer, got {value!r}")
-    if isinstance(value, (int, float)):
-        return float(value)
-    if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    raise VitPruneError(f"{where} must be a number, got {value!r}")
-
-
-def _check_range(x: float, f: Field, where: str) -> None:
-    if not math.isfinite(x):
-        raise VitPruneError(f"{where} must be finite, got {x!r}")
-    low_bad = f.low is not None and (x <= f.low if f.low_open else x < f.low)
-    high_bad = f.high is not None and (x >= f.high if f.high_open else x > f.high)
-    if low_bad or high_bad:
-        lo = "(-inf" if f.low is None else f"{'(' if f.low_open else '['}{f.low:g}"
-        hi = "inf)" if f.high is None else f"{f.high:g}{')' if f.high_open else ']'}"
-        interval = f"{lo}, {hi}"
-        raise VitPruneError(f"{where} must be in {interval}, got {x!r}")
-
-
-def _check_choice(x: str, f: Field, where: str) -> None:
-    if f.choices is not None and x not in f.choices:
-        raise VitPruneError(f"{where}: {x!r} is not one of {', '.join(f.choices)}")
-
-
-def _check_value(value: Any, f: Field, where: str) -> Any:
-    """The validated value (numbers normalised to int/float, lists kept as lists)."""
-    if value is None:
-        if f.nullable:
-            return None
-        raise VitPruneError(f"{where} must not be null")
-    if f.kind in ("float", "int"):
-        x = _number(value, f.kind, where)
-        _check_range(x, f, where)
-        return x
-    if f.kind == "bool":
-        if not isinstance(value, bool):
-            raise VitPruneError(f"{where} must be true or false, got {value!r}")
-        return value
-    if f.kind == "str":
-        if not isinstance(value, str):
-            raise VitPruneError(f"{where} must be a string, got {value!r}")
-        _check_choice(value, f, where)
-        return value
-    if f.kind in ("floats", "strs", "pair"):
-        if not isinstance(value, list) or not value:
-            raise VitPruneError(f"{where} must be a non-empty list, got {value!r}")
-        if f.kind == "pair" and len(value) != 2:
-            raise VitPruneError(f"{where} must be a list of two numbers, got {value!r}")
-        out = []
-        for i, item in enumerate(value):
-            if f.kind == "strs":
-                if not isinstance(item, str):
-                    raise VitPruneError(f"{where}[{i}] must be a string, got {item!r}")
-                _check_choice(item, f, where)
-                out.append(item)
-            else:
-                x = _number(item, "float", f"{where}[{i}]")
-                _check_range(x, f, f"{where}[{i}]")
-                out.append(x)
-        return out
-    if f.kind == "int_map":
-        if not isinstance(value, dict):
-            raise VitPruneError(f"{where} must be a mapping, got {value!r}")
-        out_map = {}
-        for k, v in value.items():
-            _check_choice(str(k), f, where)
-            x = _number(v, "int", f"{where}[{k}]")
-            _check_range(x, f, f"{where}[{k}]")
-            out_map[str(k)] = x
-        return out_map
-    raise AssertionError(f"unknown field kind {f.kind}")
 
 
 # ------------------------------------------------------------------------------------------------ CLI
@@ -548,7 +398,7 @@ def add_recipe_option(parser: argparse.ArgumentParser, method: str) -> argparse.
     ``recipe_info`` (name, version, method, path) when a recipe was used. Every recipe key must name one of the
     parser's options (checked when the recipe is applied).
     """
-    if method not in METHODS:
+    if method not in methods():
         raise ValueError(f"unknown recipe method {method!r}")
     if "--recipe" not in parser._option_string_actions:  # idempotent
         names = ", ".join(list_recipes()) or "none"
@@ -567,10 +417,7 @@ def add_recipe_option(parser: argparse.ArgumentParser, method: str) -> argparse.
 
 
 __all__ = [
-    "EXCLUSIVE",
-    "METHODS",
-    "SCHEMAS",
-    "Field",
+    "PIPELINE",
     "Recipe",
     "add_recipe_option",
     "apply_recipe",
@@ -578,5 +425,6 @@ __all__ = [
     "load_recipe",
     "recipe_defaults",
     "recipes_dir",
+    "schema",
     "validate_recipe",
 ]

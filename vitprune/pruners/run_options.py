@@ -1,0 +1,48 @@
+"""How ``vitprune prune METHOD`` (and a recipe) feeds any pruner: inputs, data, output and runtime.
+
+These are the settings every method shares on the command line; a method's own settings are its config
+dataclass. Both are :func:`~vitprune.pruners.settings.setting` fields, so the CLI options and the recipe schema
+come from the same declarations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vitprune.pruners.settings import setting
+
+
+@dataclass
+class RunOptions:
+    """Inputs, data, output and runtime of one ``vitprune prune`` run (CLI / recipe only)."""
+
+    data: str | None = setting(None, kind="str", nullable=True, metavar="DIR", help="training images DIR/<class>/<img>")
+    val: str | None = setting(None, kind="str", nullable=True, metavar="DIR", help="validation images: top-1 in report")
+    classes: str | None = setting(None, kind="str", nullable=True, metavar="FILE", help="line i names output i")
+    teacher: str | None = setting(None, kind="str", nullable=True, help="distillation teacher (default: dense model)")
+    preset: str | None = setting(None, kind="str", nullable=True, help="architecture of a checkpoint that has none")
+    preprocess: str = setting("shared", help="preprocessing preset when the model records none")
+    limit_per_class: int | None = setting(None, kind="int", low=1, nullable=True, help="first N training images/class")
+    val_limit_per_class: int | None = setting(None, kind="int", low=1, nullable=True, help="first N val images/class")
+    eval_batch_size: int = setting(64, low=1, help="batch size of evaluation")
+    calib_images: int | None = setting(
+        None, kind="int", low=1, nullable=True,
+        help="calibration images drawn from --data (default: the method's; structural: stream the training data)",
+    )  # fmt: skip
+    calib_batch_size: int = setting(16, low=1, help="batch size of calibration subsets")
+    batch_size: int = setting(64, low=1, help="global training batch size")
+    augment: bool = setting(False, help="random resized crop + flip on training images")
+    crop_scale: tuple[float, float] = setting(
+        (0.35, 1.0), kind="pair", low=0.0, high=1.0, low_open=True, help="RandomResizedCrop area range LO,HI"
+    )
+    hflip: float = setting(0.5, low=0.0, high=1.0, help="horizontal flip probability with --augment")
+    out: str | None = setting(None, kind="str", nullable=True, metavar="DIR", help="run directory: model/, report.json")
+    resume: bool = setting(False, help="continue an interrupted run in --out")
+    overwrite: bool = setting(False, help="replace an existing run in --out")
+    compressed: bool = setting(False, help="unstructured: also store each model as bitmask + values")
+    workers: int = setting(0, low=0, help="data-loading worker processes")
+    device: str = setting("auto", help="cpu, cuda, cuda:N or auto")
+    threads: int | None = setting(None, kind="int", low=1, nullable=True, help="torch CPU threads")
+
+
+__all__ = ["RunOptions"]
