@@ -1,27 +1,28 @@
 """``vitprune demo``: every method on the shipped Fashion-MNIST ViT, measured side by side, in minutes on a CPU.
 
 The demo needs no download: it takes the embedded default model (:mod:`vitprune.training.default_model`) and
-the Fashion-MNIST IDX files, then
+the Fashion-MNIST IDX files, then runs EVERY method of the registry (:func:`vitprune.pruners.available`) through
+the one pruning interface:
 
-1. **NViT** (structural, METHODS.md section 2): Hessian saliency ``I(S) = 1/2 E[(sum_S g w)^2]``, one global
-   ranking of heads / QK / V / MLP / embedding / block chunks, iterative removal to ``nvit_target_macs``;
-2. **VTP** (structural, section 3): gates + L1 sparsity training, one global threshold at the MACs NViT reached;
-3. **L2 magnitude** (structural baseline): the same QK / V / MLP groups ranked by the L2 norm of their weights
-   (:func:`l2_group_scores`), the same fraction kept in every block, the same surgery, the same MACs;
-4. **oViT / OBS** (unstructured, section 4): block-diagonal Fisher inverse, correlated greedy removal, one global
-   threshold, to ``sparsity``;
-5. **global magnitude** (unstructured baseline, section 4) at the same sparsity;
+- structural methods (NViT, VTP, the L2 and Taylor baselines, ...) to ``nvit_target_macs`` of the dense MACs - the
+  first one (NViT) sets the MACs the others then match - each with the SAME training budget inside the method
+  (``method_steps``: distillation between ``prune_rounds`` rounds, or VTP's gate training;
+  :meth:`~vitprune.pruners.structural.StructuralPruner.budget_settings`);
+- unstructured methods (oViT/OBS, global / uniform magnitude, Wanda, SparseGPT) to ``sparsity`` with the SAME
+  calibration images;
 
 then gives every pruned model the SAME short recovery (distillation from the dense model through
 :class:`~vitprune.training.engine.Trainer`: same steps, learning rate, batches and data order; unstructured masks
 held at zero), times all models round-robin in ONE :func:`~vitprune.metrics.latency.compare_many` run, and scores
 top-1 on the Fashion-MNIST test set. Output: one table (stdout) and a report directory (``report.md``,
-``report.json``, PNG plots, the pruned models), written atomically.
+``report.json``, PNG plots, the pruned models), written atomically. A method added to the registry appears here
+with no edit to this file.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import time
@@ -36,12 +37,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from vitprune.errors import VitPruneError
 from vitprune.metrics.flops import count_macs, count_params, format_count
-from vitprune.models.config import ViTConfig
 from vitprune.models.vit import ViT
 from vitprune.pruners.calibration import DEFAULT_PATTERNS, find_linears
-from vitprune.structures.groups import Group, group_slices, unit_count, unit_key
-from vitprune.structures.masks import StructuralMasks, architecture_after, uniform_masks
-from vitprune.structures.surgery import prune_model, round_masks
 from vitprune.utils.fs import atomic_path, check_writable_target
 
 DEFAULT_OUT = "vitprune-demo"
@@ -52,15 +49,15 @@ STRUCTURAL, UNSTRUCTURED = "structural", "unstructured"
 class DemoConfig:
     """Budgets of one demo run. :meth:`quick` is the test-sized variant."""
 
-    nvit_target_macs: float = 0.4  # NViT keeps this fraction of the dense MACs; VTP and L2 match what it reached
+    nvit_target_macs: float = 0.4  # NViT keeps this fraction of the dense MACs; the other structural ones match it
     sparsity: float = 0.8  # unstructured sparsity of the qkv / proj / fc1 / fc2 weights (OBS and GM)
     batch_size: int = 128  # every training and calibration batch
     recovery_steps: int = 120  # SAME distillation recovery for every pruned model
     recovery_lr: float = 5e-4
-    method_steps: int = 100  # training inside the method: VTP sparsity steps = NViT steps between rounds (total)
+    method_steps: int = 100  # training inside every structural method (between rounds, or VTP's gate training)
     method_lr: float = 2e-4
-    nvit_prune_steps: int = 5
-    nvit_batches_per_step: int = 8
+    nvit_prune_steps: int = 5  # selection rounds of every structural method
+    nvit_batches_per_step: int = 8  # scoring batches per round (NViT saliency, Taylor gradients)
     vtp_lambda: float = 1e-4
     vtp_gate_lr: float = 1e-2
     round_to: int = 8  # structural widths rounded up to a multiple (hardware-friendly), all three methods
@@ -106,67 +103,6 @@ class DemoConfig:
             if getattr(self, name) < 1:
                 raise VitPruneError(f"{name} must be >= 1, got {getattr(self, name)}")
         return self
-
-
-# ------------------------------------------------------------------------------------ structural L2 baseline
-@torch.no_grad()
-def l2_group_scores(model: ViT, kinds: Sequence[str] = ("qk", "v", "mlp")) -> dict[str, Tensor]:
-    """L2 norm of each unit's weights: ``||w_S||_2`` over every element its removal deletes.
-
-    The elements are those of :func:`vitprune.structures.groups.group_slices` (METHODS.md section 1 table: a QK
-    dim is row j of q and of k in every head, with biases; an MLP neuron is fc1 row j, its bias and fc2 column
-    j; ...), i.e. the magnitude criterion of filter pruning (Li et al. 2017) applied to the NViT/VTP groups.
-    Keyed by :func:`~vitprune.structures.groups.unit_key`, like the NViT saliency.
-    """
-    config = model.config
-    params = dict(model.named_parameters())
-    out: dict[str, Tensor] = {}
-    blocks: list[int | None] = list(range(config.depth))
-    for kind in kinds:
-        for b in [None] if kind == "emb" else blocks:
-            n = unit_count(config, kind, b)
-            sq = torch.zeros(n, dtype=torch.float64)
-            for i in range(n):
-                for s in group_slices(config, Group(kind, b, i)):
-                    w = params[s.name].detach()
-                    sq[i] += w.index_select(s.dim, s.index.to(w.device)).double().pow(2).sum().cpu()
-            out[unit_key(kind, b)] = sq.sqrt().float()
-    return out
-
-
-def _macs_fraction(config: ViTConfig, masks: StructuralMasks, round_to: int | None, scores, dense: int) -> float:
-    if round_to:
-        masks, _ = round_masks(config, masks, round_to, scores)
-    return count_macs(architecture_after(config, masks))["total"] / dense
-
-
-def uniform_l2_masks(
-    model: ViT,
-    target_macs: float,
-    kinds: Sequence[str] = ("qk", "v", "mlp"),
-    round_to: int | None = 8,
-    iterations: int = 40,
-) -> tuple[StructuralMasks, dict[str, Tensor], float]:
-    """Structural magnitude baseline: keep the same fraction ``r`` of each kind in every block (highest L2 norm
-    first) with the LARGEST ``r`` whose architecture (after rounding up to ``round_to``) stays within
-    ``target_macs`` of the dense MACs. Returns (masks, scores, kept fraction ``r``)."""
-    config = model.config
-    scores = l2_group_scores(model, kinds)
-    dense = count_macs(config)["total"]
-
-    def masks_for(r: float) -> StructuralMasks:
-        return uniform_masks(config, **{k: r for k in kinds}, scores=scores)
-
-    if _macs_fraction(config, masks_for(0.0), round_to, scores, dense) > target_macs:
-        raise VitPruneError(f"MACs target {target_macs:g} is unreachable by pruning {'/'.join(kinds)} uniformly")
-    lo, hi = 0.0, 1.0  # invariant: lo meets the target
-    for _ in range(iterations):
-        mid = (lo + hi) / 2
-        if _macs_fraction(config, masks_for(mid), round_to, scores, dense) <= target_macs:
-            lo = mid
-        else:
-            hi = mid
-    return masks_for(lo), scores, lo
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -331,72 +267,57 @@ class Demo:
     def _dense(self) -> None:
         self._row("dense", self.dense, "-", None, train_steps=0)
 
-    def _nvit(self) -> None:
-        from vitprune.pruners.nvit import NViTPruner
-
+    def _settings(self, cls: type) -> dict[str, Any]:
+        """The demo's budgets as settings of ``cls``: only the fields its config has are passed."""
         cfg = self.cfg
-        between = cfg.method_steps // max(cfg.nvit_prune_steps - 1, 1) if cfg.nvit_prune_steps > 1 else 0
-        pruner = NViTPruner(
-            target_macs=cfg.nvit_target_macs,
-            prune_steps=cfg.nvit_prune_steps,
-            batches_per_step=cfg.nvit_batches_per_step,
-            train_steps_between=between,
-            finetune_steps=0,
-            lr=cfg.method_lr,
-            round_to=cfg.round_to,
-            seed=cfg.seed,
-            log_every=0,
-            progress=False,
-        )
-        small, report = pruner.prune(self.dense, self.train_loader, teacher=self.teacher)
-        small.eval()
+        offered = {
+            "seed": cfg.seed,
+            "log_every": 0,
+            "progress": False,
+            "finetune_steps": 0,
+            "lr": cfg.method_lr,
+            "round_to": cfg.round_to,
+            "batches_per_step": cfg.nvit_batches_per_step,
+            "lam": cfg.vtp_lambda,
+            "gate_lr": cfg.vtp_gate_lr,
+            "sparsity": (cfg.sparsity,),
+            "num_grads": cfg.obs_num_grads,
+            "num_samples": cfg.obs_num_grads,
+            "block_size": cfg.obs_block_size,
+            "max_memory_gb": 2.0,
+        }
+        if cfg.obs_damp is not None:
+            offered["damp"] = cfg.obs_damp
+        if cls.kind == STRUCTURAL:
+            offered |= cls.budget_settings(cfg.method_steps, cfg.nvit_prune_steps)
+        names = {f.name for f in dataclasses.fields(cls.Config)}
+        return {k: v for k, v in offered.items() if k in names}
+
+    def _method_steps(self, report: dict[str, Any]) -> int:
+        s = report.get("settings", {})
+        between = s.get("train_steps_between", 0) * max(s.get("prune_steps", 1) - 1, 0)
+        return between + s.get("sparsity_steps", 0)
+
+    def _structural(self, name: str, target: float) -> None:
+        from vitprune.pruners import get
+
+        cls = get(name)
+        pruner = cls(target_macs=target, **self._settings(cls))
+        result = pruner.prune(self.dense, self.train_loader, teacher=self.teacher)
+        small = result.model.eval()
         before = self._top1(small)
         rec = self._recover(small)
-        self.extra["NViT"] = {
+        report = result.report
+        self.extra[cls.label] = {
+            "method": name,
             "settings": report["settings"],
             "history": report.get("history"),
+            "selection": report.get("selection"),
+            "fold_check": report.get("fold_check"),
             "kept_blocks": report["pruned"]["kept_blocks"],
             "recovery": rec,
         }
-        method_steps = between * max(cfg.nvit_prune_steps - 1, 0)
-        self._row("NViT", small, STRUCTURAL, before, train_steps=method_steps + rec["steps"])
-
-    def _vtp(self, target: float) -> None:
-        from vitprune.pruners.vtp import VTPPruner
-
-        cfg = self.cfg
-        pruner = VTPPruner(
-            target_macs=target,
-            lam=cfg.vtp_lambda,
-            gate_lr=cfg.vtp_gate_lr,
-            sparsity_steps=cfg.method_steps,
-            finetune_steps=0,
-            lr=cfg.method_lr,
-            round_to=cfg.round_to,
-            seed=cfg.seed,
-            log_every=max(cfg.method_steps, 1),
-            progress=False,
-        )
-        small, report = pruner.prune(self.dense, self.train_loader, teacher=self.teacher)
-        small.eval()
-        before = self._top1(small)
-        rec = self._recover(small)
-        self.extra["VTP"] = {
-            "settings": report["settings"],
-            "selection": report.get("selection"),
-            "fold_check": report.get("fold_check"),
-            "recovery": rec,
-        }
-        self._row("VTP", small, STRUCTURAL, before, train_steps=cfg.method_steps + rec["steps"])
-
-    def _l2(self, target: float) -> None:
-        cfg = self.cfg
-        masks, scores, r = uniform_l2_masks(self.dense, target, round_to=cfg.round_to)
-        small = prune_model(copy.deepcopy(self.dense), masks, round_to=cfg.round_to, scores=scores).eval()
-        before = self._top1(small)
-        rec = self._recover(small)
-        self.extra["L2 magnitude"] = {"kept_fraction": r, "kinds": ["qk", "v", "mlp"], "recovery": rec}
-        self._row("L2 magnitude", small, STRUCTURAL, before, train_steps=rec["steps"])
+        self._row(cls.label, small, STRUCTURAL, before, train_steps=self._method_steps(report) + rec["steps"])
 
     def _calibration_loader(self) -> DataLoader:
         cfg = self.cfg
@@ -405,24 +326,18 @@ class Demo:
         subset = torch.utils.data.Subset(self.train_set, idx)
         return DataLoader(subset, batch_size=min(cfg.batch_size, 64), shuffle=False)
 
-    def _unstructured(self, method: str, name: str) -> None:
-        from vitprune.pruners.obs import OBSConfig, prune_unstructured
+    def _unstructured(self, name: str) -> None:
+        from vitprune.pruners import get
 
-        cfg = self.cfg
-        if method == "obs":
-            damp = {} if cfg.obs_damp is None else {"damp": cfg.obs_damp}
-            obs_cfg = OBSConfig(block_size=cfg.obs_block_size, num_grads=cfg.obs_num_grads, max_memory_gb=2.0, **damp)
-            results = prune_unstructured(self.dense, "obs", [cfg.sparsity], self._calibration_loader(), obs_cfg)
-        else:
-            results = prune_unstructured(self.dense, method, [cfg.sparsity], None)
-        res = next(iter(results.values()))
+        cls = get(name)
+        res = cls(**self._settings(cls)).prune(self.dense, self._calibration_loader())[0]
         model = res.model.eval()
         before = self._top1(model)
         rec = self._recover(model, res.masks)
         keys = ("sparsity", "block_size", "num_grads", "damp", "damp_relative", "grad_mode", "allocation")
         info = {k: v for k, v in res.report.items() if k in keys}
-        self.extra[name] = {"pruner": info, "recovery": rec}
-        self._row(name, model, UNSTRUCTURED, before, train_steps=rec["steps"])
+        self.extra[cls.label] = {"method": name, "pruner": info, "recovery": rec}
+        self._row(cls.label, model, UNSTRUCTURED, before, train_steps=rec["steps"])
 
     def _latency(self) -> dict[str, Any]:
         from vitprune.metrics.latency import compare_many
@@ -455,20 +370,24 @@ class Demo:
         )
         torch.manual_seed(cfg.seed)
         clock.stage("data", self._data)
-        log("[1/7] dense")
+        from vitprune.pruners import available, get
+
+        structural, unstructured = available(STRUCTURAL), available(UNSTRUCTURED)
+        steps = 2 + len(structural) + len(unstructured)
+        log(f"[1/{steps}] dense")
         clock.stage("dense", self._dense)
-        log(f"[2/7] NViT to {cfg.nvit_target_macs:g} of the dense MACs, then recovery")
-        clock.stage("nvit", self._nvit)
-        target = self.rows["NViT"]["macs"] / self.rows["dense"]["macs"]
-        log(f"[3/7] VTP to NViT's {target:.3f} of the dense MACs, then recovery")
-        clock.stage("vtp", lambda: self._vtp(target))
-        log(f"[4/7] L2-magnitude structural baseline to {target:.3f} of the dense MACs, then recovery")
-        clock.stage("l2", lambda: self._l2(target))
-        log(f"[5/7] oViT/OBS to {cfg.sparsity:g} sparsity, then recovery")
-        clock.stage("obs", lambda: self._unstructured("obs", "oViT/OBS"))
-        log(f"[6/7] global magnitude to {cfg.sparsity:g} sparsity, then recovery")
-        clock.stage("gm", lambda: self._unstructured("gm", "global magnitude"))
-        log(f"[7/7] latency: {len(self.models)} models round-robin, batch {cfg.latency_batch}, {cfg.latency_runs} runs")
+        target = cfg.nvit_target_macs
+        for i, name in enumerate(structural):
+            label = get(name).label
+            log(f"[{i + 2}/{steps}] {label} to {target:.3f} of the dense MACs, then recovery")
+            clock.stage(name, lambda name=name, target=target: self._structural(name, target))
+            if i == 0:  # the first structural method sets the MACs the others match
+                target = self.rows[label]["macs"] / self.rows["dense"]["macs"]
+        for i, name in enumerate(unstructured):
+            log(f"[{i + 2 + len(structural)}/{steps}] {get(name).label} to {cfg.sparsity:g} sparsity, then recovery")
+            clock.stage(name, lambda name=name: self._unstructured(name))
+        log(f"[{steps}/{steps}] latency: {len(self.models)} models round-robin, batch {cfg.latency_batch}, "
+            f"{cfg.latency_runs} runs")  # fmt: skip
         latency = clock.stage("latency", self._latency)
         return {
             "title": "vitprune demo: NViT, VTP, oViT/OBS and magnitude baselines on the Fashion-MNIST ViT",
@@ -552,10 +471,14 @@ _METHOD_STYLE = {
     "NViT": ("#1f77b4", "o", 70),
     "VTP": ("#ff7f0e", "D", 55),
     "L2 magnitude": ("#2ca02c", "^", 70),
+    "Taylor": ("#17becf", "v", 70),
     "oViT/OBS": ("#d62728", "s", 65),
     "global magnitude": ("#9467bd", "P", 80),
+    "uniform magnitude": ("#8c564b", "X", 70),
+    "Wanda": ("#e377c2", "h", 70),
+    "SparseGPT": ("#bcbd22", "<", 70),
 }
-_FALLBACK = [("#8c564b", "v", 70), ("#e377c2", "X", 70), ("#7f7f7f", "h", 70), ("#bcbd22", "<", 70)]
+_FALLBACK = [("#7f7f7f", ">", 70), ("#393b79", "p", 70), ("#637939", "d", 70), ("#843c39", "8", 70)]
 
 
 def _style(name: str, i: int) -> tuple[str, str, float]:
@@ -685,12 +608,14 @@ def report_markdown(report: dict[str, Any]) -> str:
         "per-round ratios (adjacent runs: machine drift cancels; a wide interval means a busy machine).",
         f"- **top-1**: on the Fashion-MNIST test set after the SAME recovery for every pruned model "
         f"({cfg['recovery_steps']} steps of distillation from the dense model, batch {cfg['batch_size']}, "
-        f"lr {cfg['recovery_lr']:g}); *before recovery*: the pruned model as the method leaves it (NViT and VTP "
-        "include their own training). **train steps** = steps inside the method "
-        f"(NViT between pruning rounds, VTP sparsity training) + recovery.",
-        f"- NViT targets {cfg['nvit_target_macs']:g} of the dense MACs; VTP and the L2-magnitude baseline target "
-        f"the MACs NViT reached; oViT/OBS and global magnitude prune {cfg['sparsity']:g} of the prunable weights "
-        f"(OBS: {cfg['obs_num_grads']} per-sample gradients, block {cfg['obs_block_size']}, {_damp_text(report)}).",
+        f"lr {cfg['recovery_lr']:g}); *before recovery*: the pruned model as the method leaves it (structural "
+        f"methods include the same {cfg['method_steps']} training steps of their own: distillation between "
+        f"{cfg['nvit_prune_steps']} selection rounds, or VTP's gate training). **train steps** = steps inside the "
+        "method + recovery.",
+        f"- NViT targets {cfg['nvit_target_macs']:g} of the dense MACs; every other structural method targets "
+        f"the MACs NViT reached; the unstructured methods prune {cfg['sparsity']:g} of the prunable weights with "
+        f"the same {cfg['obs_num_grads']} calibration images (OBS: per-sample gradients, block "
+        f"{cfg['obs_block_size']}, {_damp_text(report)}).",
         "",
         "## Plots",
         "",
@@ -752,12 +677,10 @@ __all__ = [
     "Demo",
     "DemoConfig",
     "format_table",
-    "l2_group_scores",
     "nonzero_params",
     "plot_top1",
     "prunable_weights",
     "run_demo",
     "sparsity_vs_dense",
     "summary_json",
-    "uniform_l2_masks",
 ]

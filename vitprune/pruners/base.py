@@ -159,7 +159,8 @@ class PrunerConfig:
 class Pruner:
     """Base of every method: ``Pruner(config)`` or ``Pruner(**settings)``; :meth:`prune` does the work."""
 
-    name: ClassVar[str] = ""
+    name: ClassVar[str] = ""  # the registry name
+    label: ClassVar[str] = ""  # how tables and plots name it
     kind: ClassVar[str] = ""
     paper: ClassVar[str] = ""
     summary: ClassVar[str] = ""  # one line for ``vitprune prune --help``

@@ -284,18 +284,21 @@ class _Baseline(UnstructuredPruner):
 
 class GlobalMagnitudePruner(_Baseline):
     name = "gm"
+    label = "global magnitude"
     paper = "global magnitude: one |w| threshold over all prunable weights (Han et al. 2015)"
     summary = "unstructured baseline: one global |w| threshold"
 
 
 class UniformMagnitudePruner(_Baseline):
     name = "um"
+    label = "uniform magnitude"
     paper = "uniform magnitude: the same |w| sparsity in every layer (Zhu & Gupta 2017)"
     summary = "unstructured baseline: |w| with the same sparsity in every layer"
 
 
 class WandaPruner(_Baseline):
     name = "wanda"
+    label = "Wanda"
     paper = "Sun et al. 2023, A Simple and Effective Pruning Approach for LLMs (Wanda, eq. 1)"
     summary = "unstructured baseline: Wanda |W| * ||X||, per output row"
     needs_data = True
@@ -303,6 +306,7 @@ class WandaPruner(_Baseline):
 
 class SparseGPTPruner(_Baseline):
     name = "sparsegpt"
+    label = "SparseGPT"
     paper = "Frantar & Alistarh 2023, SparseGPT (Algorithm 1)"
     summary = "unstructured baseline: SparseGPT layer-wise OBS reconstruction"
     needs_data = True

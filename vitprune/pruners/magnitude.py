@@ -38,6 +38,7 @@ class L2Pruner(StructuralPruner):
     """Structural L2-magnitude baseline."""
 
     name = "l2"
+    label = "L2 magnitude"
     paper = "Li et al. 2017, Pruning Filters for Efficient ConvNets (L2 norm of each group's weights)"
     summary = "structural baseline: L2 norm of each group's weights"
     Config: ClassVar[type[L2Config]] = L2Config
@@ -60,6 +61,7 @@ class TaylorPruner(StructuralPruner):
     """Structural first-order Taylor baseline (``|g * w|`` per group)."""
 
     name = "taylor"
+    label = "Taylor"
     paper = "Molchanov et al. 2019, Importance Estimation for Neural Network Pruning (|g w| per group)"
     summary = "structural baseline: first-order Taylor |g w| of each group"
     Config: ClassVar[type[TaylorConfig]] = TaylorConfig

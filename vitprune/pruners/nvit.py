@@ -55,6 +55,7 @@ class NViTPruner(StructuralPruner):
     """NViT: Hessian-aware saliency ``I(S)`` of every unit, re-scored before each removal round."""
 
     name = "nvit"
+    label = "NViT"
     paper = "Yang et al. 2023, Global Vision Transformer Pruning with Hessian-Aware Saliency (NViT)"
     summary = "NViT: global structural pruning with Hessian-aware saliency (optionally latency-aware)"
     Config: ClassVar[type[NViTConfig]] = NViTConfig

@@ -531,6 +531,7 @@ class OBSPruner(UnstructuredPruner):
     """oViT / CAP in the one pruning interface: a one-pass sweep (or N:M, or gradual with ``schedule``)."""
 
     name = "obs"
+    label = "oViT/OBS"
     paper = "Kuznedelev et al. 2023, oViT / CAP: correlation-aware second-order (OBS) pruning of ViTs"
     summary = "oViT/OBS: second-order unstructured pruning (block Fisher inverse, global threshold, N:M, gradual)"
     Config: ClassVar[type[OBSConfig]] = OBSConfig

@@ -276,9 +276,15 @@ class GlobalThreshold:
     """
 
     def __init__(
-        self, config: ViTConfig, scores: dict[str, Tensor], cost: CostModel, round_to: int | None = None
+        self,
+        config: ViTConfig,
+        scores: dict[str, Tensor],
+        cost: CostModel,
+        round_to: int | None = None,
+        within: StructuralMasks | None = None,
     ) -> None:
-        self.config, self.cost_model, self.round_to = config, cost, round_to
+        """``within``: masks of an earlier round; every result keeps inside them (removed units stay removed)."""
+        self.config, self.cost_model, self.round_to, self.within = config, cost, round_to, within
         self.metric = cost.metric
         self.scores = {k: v.detach().abs().reshape(-1).float().cpu() for k, v in scores.items()}
         cands, vals, fracs = [], [], []
@@ -325,6 +331,8 @@ class GlobalThreshold:
                 setattr(out.blocks[b], kind, keep)
         if self.round_to and self.round_to > 1:
             out, _ = round_masks(self.config, out, self.round_to, self.scores)
+        if self.within is not None:
+            out = _intersect(out, self.within)
         return out
 
     def cost(self, k: int) -> float:
@@ -371,6 +379,15 @@ class GlobalThreshold:
         return k, self.masks(k), info
 
 
+def _intersect(masks: StructuralMasks, within: StructuralMasks) -> StructuralMasks:
+    out = masks.copy()
+    for key, mask in out.items():
+        mask &= within.get(key)
+    for bm, wm in zip(out.blocks, within.blocks, strict=True):
+        bm.keep = bm.keep and wm.keep
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ uniform
 def uniform_select(
     config: ViTConfig,
@@ -380,13 +397,18 @@ def uniform_select(
     target: float,
     round_to: int | None,
     iterations: int = 40,
+    within: StructuralMasks | None = None,
 ) -> tuple[StructuralMasks, float]:
     """Keep the same fraction ``r`` of each of ``kinds`` in every block (highest scores first) with the LARGEST
-    ``r`` whose architecture (after rounding up to ``round_to``) stays within ``target`` of the dense cost."""
+    ``r`` whose architecture (after rounding up to ``round_to``) stays within ``target`` of the dense cost.
+    ``within``: masks of an earlier round (their removed units rank last and stay removed)."""
     kinds = [k for k in kinds if k in (*BLOCK_KINDS, "emb")]
+    if within is not None:
+        scores = {k: v.detach().float().cpu().masked_fill(~within.get(k), -math.inf) for k, v in scores.items()}
 
     def masks_for(r: float) -> StructuralMasks:
-        return uniform_masks(config, **{k: r for k in kinds}, scores=scores)
+        out = uniform_masks(config, **{k: r for k in kinds}, scores=scores)
+        return _intersect(out, within) if within is not None else out
 
     def frac(r: float) -> float:
         return cost.fraction(rounded_arch(config, masks_for(r), round_to, scores))

@@ -140,6 +140,13 @@ class StructuralPruner(Pruner):
             settings["lut"] = str(lut)
         super().__init__(config, **settings)
 
+    @classmethod
+    def budget_settings(cls, steps: int, rounds: int) -> dict[str, Any]:
+        """Settings that spend ``steps`` training steps inside the method over ``rounds`` selection rounds, so
+        that comparisons give every structural method the same budget (default: distillation between rounds)."""
+        between = steps // (rounds - 1) if rounds > 1 else 0
+        return {"prune_steps": rounds, "train_steps_between": between}
+
     # ------------------------------------------------------------------------------------------- method hooks
     def scores(
         self, student: ViT, batches: Iterator, teacher: nn.Module, round_index: int, device: torch.device
@@ -233,17 +240,19 @@ class StructuralPruner(Pruner):
                 dense, masks, scores, cfg, cost, frac * cost.dense, latency, state.get("eta")
             )
             return removed
+        within = masks.copy() if state.get("rounds_done") else None  # later rounds keep removed units removed
         if cfg.selection == "threshold":
-            gt = S.GlobalThreshold(
-                dense, {k: v for k, v in scores.items() if _kind(k) in cfg.kinds}, cost, cfg.round_to
-            )
-            _, new, info = gt.select(frac)
+            kept = {k: v for k, v in scores.items() if _kind(k) in cfg.kinds}
+            _, new, info = S.GlobalThreshold(dense, kept, cost, cfg.round_to, within).select(frac)
             state["selection"] = info
         else:
-            new, r = S.uniform_select(dense, scores, cfg.kinds, cost, frac, cfg.round_to)
+            new, r = S.uniform_select(dense, scores, cfg.kinds, cost, frac, cfg.round_to, within=within)
             state["selection"] = {"kept_fraction": r, "kinds": list(cfg.kinds)}
-        for key, mask in list(masks.items()):  # later rounds never bring a removed unit back
-            mask &= new.get(key)
+        state["rounds_done"] = state.get("rounds_done", 0) + 1
+        for key, mask in list(masks.items()):
+            mask.copy_(new.get(key))
+        for bm, nm in zip(masks.blocks, new.blocks, strict=True):
+            bm.keep = nm.keep
         return [state["selection"]]
 
     # ------------------------------------------------------------------------------------------- pipeline
@@ -373,6 +382,7 @@ class StructuralPruner(Pruner):
 
         fold_state = self.before_surgery(student, masks, data, device)
         final, rounding = resolve_masks(student, masks, cfg.round_to, scores)
+        apply_masks(student, final)  # units brought back by rounding are gated on again
         small = prune_model(student, final).to(device)
         report["rounding"] = rounding
         report |= self.after_surgery(small, fold_state)

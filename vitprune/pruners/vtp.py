@@ -299,9 +299,15 @@ class VTPPruner(StructuralPruner):
     """
 
     name = "vtp"
+    label = "VTP"
     paper = "Zhu, Tang & Han 2021, Vision Transformer Pruning (L1-regularised dimension gates)"
     summary = "VTP: learned dimension gates with L1 sparsity, one global threshold, fine-tuning"
     Config: ClassVar[type[VTPConfig]] = VTPConfig
+
+    @classmethod
+    def budget_settings(cls, steps: int, rounds: int) -> dict[str, Any]:
+        """VTP spends its training budget on the gates (L1 sparsity training), then selects once."""
+        return {"prune_steps": 1, "train_steps_between": 0, "sparsity_steps": steps}
 
     def prepare(
         self, student: ViT, data: PruneData, teacher: nn.Module, workdir: Path | None, resume: bool, device
