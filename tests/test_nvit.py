@@ -5,12 +5,15 @@ import pytest
 import torch
 from PIL import Image
 
+import vitprune
 from vitprune import VitPruneError
 from vitprune.cli.main import main
 from vitprune.latency.lut import LatencyTable
 from vitprune.metrics.flops import count_macs, count_params
+from vitprune.metrics.cost import CostModel
 from vitprune.models import ViT, ViTConfig, load, save
-from vitprune.pruners.nvit import CostModel, NViTConfig, NViTPruner, select_removals
+from vitprune.pruners.nvit import NViTConfig, NViTPruner
+from vitprune.pruners.selection import greedy_select as select_removals
 from vitprune.structures import StructuralMasks, apply_masks, prune_model
 from vitprune.structures.groups import unit_key
 
@@ -52,7 +55,7 @@ def test_global_ranking_removes_lowest_chunks_across_kinds_and_blocks():
     scores["blocks.1.mlp"][:32] = 1e-4  # cheapest: two MLP chunks of block 1
     scores["blocks.2.qk"][8:] = 1e-3  # then the last 8 QK dims of block 2 (one chunk)
     scores["emb"][:16] = 1e-2  # then one embedding chunk
-    settings = NViTConfig(target=0.5, round_to=None)
+    settings = NViTConfig(target_macs=0.5, round_to=None)
     cost = CostModel(config, "macs")
     masks = StructuralMasks.all_kept(config)
     dense = cost.total(config.embed_dim, config.blocks)
@@ -79,7 +82,7 @@ def test_whole_block_removed_when_cheapest():
     masks = StructuralMasks.all_kept(config)
     cost = CostModel(config, "params")
     dense = cost.total(config.embed_dim, config.blocks)
-    removed, _ = select_removals(config, masks, scores, NViTConfig(target=0.8), cost, 0.8 * dense)
+    removed, _ = select_removals(config, masks, scores, NViTConfig(target_params=0.8), cost, 0.8 * dense)
     assert removed[0]["kind"] == "block" and removed[0]["block"] == 0 and not masks.blocks[0].keep
 
 
@@ -102,7 +105,7 @@ def test_latency_aware_ranking_prefers_slow_structures():
     torch.manual_seed(0)
     for key in scores:
         scores[key] = scores[key] * (1 + torch.rand_like(scores[key]))
-    settings = NViTConfig(target=0.8, round_to=None, kinds=("heads", "qk", "v", "mlp"))
+    settings = NViTConfig(target_macs=0.8, round_to=None, kinds=("heads", "qk", "v", "mlp"))
     select_removals(config, base_masks, scores, settings, cost, target)
     latency = CostModel(config, "latency", _lut(config))
     _, eta = select_removals(config, lat_masks, scores, settings, cost, target, latency=latency)
@@ -116,20 +119,20 @@ def test_config_validation_and_unreachable_target_refused(tmp_path):
         NViTPruner(target_macs=0.5, target_params=0.5)
     with pytest.raises(VitPruneError, match="needs a latency lookup table"):
         NViTPruner(target_latency=0.5)
-    with pytest.raises(VitPruneError, match=r"must be in \(0, 1\]"):
+    with pytest.raises(VitPruneError, match=r"--target-macs must be in \(0, 1\], got 1.5"):
         NViTPruner(target_macs=1.5)
-    with pytest.raises(VitPruneError, match="unknown chunk kind"):
+    with pytest.raises(VitPruneError, match="'block' is not one of emb, heads, qk, v, mlp"):
         NViTPruner(target_macs=0.5, chunks={"block": 2})
-    with pytest.raises(VitPruneError, match="unknown NViT settings"):
+    with pytest.raises(VitPruneError, match="unknown nvit setting"):
         NViTPruner(target_macs=0.5, bogus=1)
     model = _model()
     out = tmp_path / "run"
-    pruner = NViTPruner(target_macs=0.2, kinds=("mlp",), out_dir=out, progress=False)
+    pruner = NViTPruner(target_macs=0.2, kinds=("mlp",), progress=False)
     macs = count_macs(model)
     floor = 1 - sum(b["mlp"] for b in macs["per_block"]) / macs["total"]
-    assert pruner.min_fraction(model.config) == pytest.approx(floor)
+    assert pruner.min_fraction(model.config, pruner.cost_model(model.config)) == pytest.approx(floor)
     with pytest.raises(VitPruneError, match=rf"unreachable.*leaves {floor:.4f}"):
-        pruner.prune(model, _data())
+        vitprune.prune(model, "nvit", _data(), out=out, target_macs=0.2, kinds=("mlp",), progress=False)
     assert not out.exists()
     lut_pruner = NViTPruner(target_latency=0.5, lut=_lut(_config(), 1.0), progress=False)
     big = ViT(ViTConfig.uniform(96, 1, 4, num_classes=5, img_size=16, patch_size=8))
@@ -142,7 +145,8 @@ def test_prune_reaches_target_and_pruned_model_matches_masks(metric):
     model = _model(1)
     dense_logits = model(_data()[0][0])
     pruner = NViTPruner(**{f"target_{metric}": 0.5}, prune_steps=3, batches_per_step=2, round_to=None, progress=False)
-    small, report = pruner.prune(model, _data())
+    res = pruner.prune(model, _data())
+    small, report = res.model, res.report
     assert torch.equal(model(_data()[0][0]), dense_logits)  # the input model is left unchanged
     frac = report["pruned"]["fraction"][metric]
     assert 0.4 < frac <= 0.5
@@ -161,7 +165,8 @@ def test_round_to_8_gives_multiples_of_8_and_still_meets_target():
     pruner = NViTPruner(
         target_macs=0.6, prune_steps=2, batches_per_step=1, chunks={"qk": 3, "mlp": 5, "emb": 6}, progress=False
     )
-    small, report = pruner.prune(model, _data(1))
+    res = pruner.prune(model, _data(1))
+    small, report = res.model, res.report
     c = small.config
     assert c.embed_dim % 8 == 0
     assert all(b.qk_dim % 8 == 0 and b.v_dim % 8 == 0 and b.mlp_dim % 8 == 0 for b in c.blocks)
@@ -179,7 +184,7 @@ def test_train_between_steps_and_distill_saliency():
         saliency_mode="distill",
         progress=False,
     )
-    _, report = pruner.prune(model, [x for x, _ in _data()])
+    report = pruner.prune(model, [x for x, _ in _data()]).report
     assert "train_loss" in report["history"][0] and "train_loss" not in report["history"][1]
     assert report["finetune"]["steps"] == 2
     assert report["pruned"]["fraction"]["params"] <= 0.7
@@ -187,8 +192,8 @@ def test_train_between_steps_and_distill_saliency():
 
 def test_resume_continues_interrupted_run(tmp_path):
     data = _data(2)
-    settings = {"prune_steps": 3, "batches_per_step": 2, "progress": False, "round_to": None}
-    ref, _ = NViTPruner(target_macs=0.5, out_dir=tmp_path / "a", **settings).prune(_model(4), data)
+    settings = {"target_macs": 0.5, "prune_steps": 3, "batches_per_step": 2, "progress": False, "round_to": None}
+    ref = vitprune.prune(_model(4), "nvit", data, out=tmp_path / "a", **settings).model
 
     class Interrupt(Exception):
         pass
@@ -204,11 +209,11 @@ def test_resume_continues_interrupted_run(tmp_path):
                 yield batch
 
     with pytest.raises(Interrupt):
-        NViTPruner(target_macs=0.5, out_dir=tmp_path / "b", **settings).prune(_model(4), Loader())
-    assert (tmp_path / "b" / "nvit_state.pt").is_file() and not (tmp_path / "b" / "model").exists()
+        vitprune.prune(_model(4), "nvit", Loader(), out=tmp_path / "b", **settings)
+    assert (tmp_path / "b" / "state.pt").is_file() and not (tmp_path / "b" / "model").exists()
     with pytest.raises(VitPruneError, match="output exists"):
-        NViTPruner(target_macs=0.5, out_dir=tmp_path / "b", **settings).check(_model(4))
-    small, _ = NViTPruner(target_macs=0.5, out_dir=tmp_path / "b", resume=True, **settings).prune(_model(4), data)
+        vitprune.prune(_model(4), "nvit", data, out=tmp_path / "b", **settings)
+    small = vitprune.prune(_model(4), "nvit", data, out=tmp_path / "b", resume=True, **settings).model
     assert small.config == ref.config
     assert json.loads((tmp_path / "b" / "masks.json").read_text()) == json.loads(
         (tmp_path / "a" / "masks.json").read_text()
@@ -216,31 +221,16 @@ def test_resume_continues_interrupted_run(tmp_path):
     x = data[0][0]
     torch.testing.assert_close(small(x), ref(x))
     with pytest.raises(VitPruneError, match="settings differ"):
-        NViTPruner(target_macs=0.4, out_dir=tmp_path / "b", resume=True, **settings).prune(_model(4), data)
+        vitprune.prune(_model(4), "nvit", data, out=tmp_path / "b", resume=True, **(settings | {"target_macs": 0.4}))
 
 
 def test_pruner_output_equals_masked_model():
     model = _model(5)
-    pruner = NViTPruner(target_macs=0.6, prune_steps=1, batches_per_step=1, round_to=None, progress=False)
-    small, _ = pruner.prune(model, _data(1))
-    masks = StructuralMasks.from_json((lambda r: r)(_masks_of(pruner, model)))
-    masked = apply_masks(_model(5), masks)
+    res = NViTPruner(target_macs=0.6, prune_steps=1, batches_per_step=1, progress=False).prune(model, _data(1))
+    masked = apply_masks(_model(5), res.masks)  # the result's masks describe the (rounded) pruned model exactly
     x = _data(1, seed=9)[0][0]
-    torch.testing.assert_close(small(x), masked(x), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(prune_model(masked, masks)(x), small(x), atol=1e-5, rtol=1e-5)
-
-
-def _masks_of(pruner, model):
-    """Re-run the single-step selection deterministically to get the masks (no out_dir)."""
-    from vitprune.scoring.hessian import compute_saliency
-
-    student = _model(5)
-    scores = compute_saliency(student, _data(1), 1, "labels", progress=False)
-    masks = StructuralMasks.all_kept(model.config)
-    cost = pruner.cost_model(model.config)
-    dense = cost.total(model.config.embed_dim, model.config.blocks)
-    select_removals(model.config, masks, scores, pruner.config, cost, 0.6 * dense)
-    return masks.to_json()
+    torch.testing.assert_close(res.model(x), masked(x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(prune_model(masked, res.masks)(x), res.model(x), atol=1e-5, rtol=1e-5)
 
 
 def _image_folder(root, classes=5, per_class=4):
@@ -293,7 +283,7 @@ def test_per_cost_criterion_weighs_saliency_by_cost_saved():
     first = {}
     for criterion in ("saliency", "per_cost"):
         masks = StructuralMasks.all_kept(config)
-        settings = NViTConfig(target=0.99, criterion=criterion, round_to=None)
+        settings = NViTConfig(target_macs=0.99, criterion=criterion, round_to=None)
         removed, _ = select_removals(config, masks, scores, settings, cost, dense - 1)
         first[criterion] = (removed[0]["kind"], removed[0]["block"])
     assert first == {"saliency": ("mlp", 0), "per_cost": ("qk", 1)}
@@ -319,6 +309,7 @@ def test_cli_latency_target_with_lut(tmp_path, capsys):
     assert main([*args, "--lut-batch", "2", "--out", str(tmp_path / "ok")]) == 0, capsys.readouterr().err
     report = json.loads((tmp_path / "ok" / "report.json").read_text())
     assert report["pruned"]["fraction"]["latency_pred"] <= 0.7 + 1e-9
+    assert StructuralMasks.from_json((tmp_path / "ok" / "masks.json").read_text()).validate(model.config) is None
     assert report["eta"] is not None and report["lut"]["batch_size"] == 2
     assert "of LUT latency" in capsys.readouterr().out
 
@@ -326,6 +317,6 @@ def test_cli_latency_target_with_lut(tmp_path, capsys):
 def test_frozen_input_model_is_scored_and_left_frozen():
     """A model whose parameters do not require grad (e.g. after evaluation tooling froze it) still prunes."""
     model = _model(2).requires_grad_(False)
-    _, report = NViTPruner(target_macs=0.7, prune_steps=2, batches_per_step=1, progress=False).prune(model, _data())
+    report = NViTPruner(target_macs=0.7, prune_steps=2, batches_per_step=1, progress=False).prune(model, _data()).report
     assert report["pruned"]["fraction"]["macs"] <= 0.7
     assert not any(p.requires_grad for p in model.parameters())  # the caller's flags are restored

@@ -1,4 +1,5 @@
-"""OBSPruner (one-shot, sweep, N:M, memory guard, gradual with resume), calibration gradients and the CLI."""
+"""OBS (the OBSSolver machinery and the OBSPruner in the one interface: one-shot, sweep, N:M, memory guard, gradual
+with resume), calibration gradients and the CLI."""
 
 import json
 
@@ -15,7 +16,7 @@ from vitprune.errors import VitPruneError
 from vitprune.models import ViT, ViTConfig, load, save
 from vitprune.pruners.baselines import prune_baseline
 from vitprune.pruners.calibration import find_linears, iter_gradients
-from vitprune.pruners.obs import OBSConfig, OBSPruner
+from vitprune.pruners.obs import OBSConfig, OBSPruner, OBSSolver
 
 
 @pytest.fixture(autouse=True)
@@ -69,7 +70,7 @@ def test_per_sample_gradients_match_torch_func(small_model):
 
 def test_oneshot_sweep_exact_sparsity_and_beats_magnitude(small_model):
     data = _data()
-    pruner = OBSPruner(small_model, _cfg())
+    pruner = OBSSolver(small_model, _cfg())
     results = pruner.prune(data, [0.5, 0.7])
     total = sum(m.weight.numel() for m in find_linears(small_model).values())
     gm = prune_baseline(small_model, "gm", [0.5])[0.5]
@@ -93,7 +94,7 @@ def test_oneshot_sweep_exact_sparsity_and_beats_magnitude(small_model):
 
 def test_sweep_reuses_one_fisher_and_trace_pass(small_model, monkeypatch):
     calls = {"fisher": 0, "greedy": 0}
-    real_estimate, real_greedy = OBSPruner.estimate_fisher, obs_mod.greedy_obs
+    real_estimate, real_greedy = OBSSolver.estimate_fisher, obs_mod.greedy_obs
 
     def count_estimate(self, loader):
         calls["fisher"] += 1
@@ -103,9 +104,9 @@ def test_sweep_reuses_one_fisher_and_trace_pass(small_model, monkeypatch):
         calls["greedy"] += 1
         return real_greedy(*a, **k)
 
-    monkeypatch.setattr(OBSPruner, "estimate_fisher", count_estimate)
+    monkeypatch.setattr(OBSSolver, "estimate_fisher", count_estimate)
     monkeypatch.setattr(obs_mod, "greedy_obs", count_greedy)
-    pruner = OBSPruner(small_model, _cfg())
+    pruner = OBSSolver(small_model, _cfg())
     sweep = pruner.prune(_data(), [0.4, 0.5, 0.6, 0.8])
     after_sweep = dict(calls)
     single = pruner.models_for([0.6])[0.6]
@@ -118,19 +119,19 @@ def test_sweep_reuses_one_fisher_and_trace_pass(small_model, monkeypatch):
 
 
 def test_per_layer_allocation(small_model):
-    res = OBSPruner(small_model, _cfg(allocation="layer")).prune(_data(), [0.6])[0.6]
+    res = OBSSolver(small_model, _cfg(allocation="layer")).prune(_data(), [0.6])[0.6]
     for name, keep in res.masks.items():
         assert (~keep).sum() == pytest.approx(0.6 * keep.numel(), abs=len(keep.flatten()) // 32 + 1), name
 
 
 def test_nm_2_4(small_model):
-    res = OBSPruner(small_model, _cfg(nm=(2, 4))).prune(_data(), [])
+    res = OBSSolver(small_model, _cfg(nm=(2, 4))).prune(_data(), [])
     ((target, r),) = res.items()
     assert target == 0.5
     for keep in r.masks.values():
         assert torch.all(keep.reshape(keep.shape[0], -1, 4).sum(-1) == 2)
     with pytest.raises(VitPruneError, match="multiple of 4"):
-        OBSPruner(small_model, _cfg(nm=(2, 4), block_size=30)).estimate_fisher(_data())
+        OBSSolver(small_model, _cfg(nm=(2, 4), block_size=30)).estimate_fisher(_data())
 
 
 def test_memory_guard_refuses_before_any_work(small_model):
@@ -139,28 +140,28 @@ def test_memory_guard_refuses_before_any_work(small_model):
             raise AssertionError("data was read")
 
     with pytest.raises(VitPruneError, match="GiB"):
-        OBSPruner(small_model, _cfg(max_memory_gb=1e-4)).estimate_fisher(Exploding())
-    pruner = OBSPruner(small_model, _cfg(max_memory_gb=1e-4, allow_smaller_blocks=True))
+        OBSSolver(small_model, _cfg(max_memory_gb=1e-4)).estimate_fisher(Exploding())
+    pruner = OBSSolver(small_model, _cfg(max_memory_gb=1e-4, allow_smaller_blocks=True))
     pruner.estimate_fisher(_data())
     assert pruner.fisher.block_size < 32 and pruner.fisher.nbytes <= 1e-4 * 2**30
 
 
 def test_existing_masks_stay_pruned(small_model):
     first = prune_baseline(small_model, "gm", [0.3])[0.3]
-    res = OBSPruner(first.model, _cfg()).prune(_data(), [0.5], masks=first.masks)[0.5]
+    res = OBSSolver(first.model, _cfg()).prune(_data(), [0.5], masks=first.masks)[0.5]
     for name, keep in first.masks.items():
         assert not torch.any(res.masks[name] & ~keep)
 
 
 def test_bad_settings(small_model):
-    with pytest.raises(VitPruneError, match="grad_mode"):
-        OBSPruner(small_model, _cfg(grad_mode="x"))
+    with pytest.raises(VitPruneError, match="--grad-mode"):
+        OBSSolver(small_model, _cfg(grad_mode="x"))
     with pytest.raises(VitPruneError, match="sparsity"):
-        OBSPruner(small_model, _cfg()).prune(_data(), [1.2])
+        OBSSolver(small_model, _cfg()).prune(_data(), [1.2])
     with pytest.raises(VitPruneError, match="absolute dampening"):
-        OBSPruner(small_model, _cfg(fisher_mode="woodbury"))
+        OBSSolver(small_model, _cfg(fisher_mode="woodbury"))
     with pytest.raises(VitPruneError, match="needs 100 gradients"):
-        OBSPruner(small_model, _cfg(fisher_mode="woodbury", num_grads=100, damp_relative=False)).estimate_fisher(
+        OBSSolver(small_model, _cfg(fisher_mode="woodbury", num_grads=100, damp_relative=False)).estimate_fisher(
             _data()
         )
 
@@ -177,7 +178,7 @@ def test_gradual_levels_best_checkpoints_and_resume(small_model, tmp_path, monke
 
     cfg = TrainConfig(steps=2, batch_size=8, lr=1e-4, progress=False, tensorboard=False)
     out = tmp_path / "run"
-    res = OBSPruner(small_model, _cfg()).gradual(data, data, [0.3, 0.5], cfg, out, eval_fn=score, eval_every=1)
+    res = OBSSolver(small_model, _cfg()).gradual(data, data, [0.3, 0.5], cfg, out, eval_fn=score, eval_every=1)
     levels = res["report"]["levels"]
     assert [lv["target"] for lv in levels] == [0.3, 0.5]
     first = {k: v.bool() for k, v in load_file(str(out / "level_0_s0.30" / "best" / "masks.safetensors")).items()}
@@ -193,8 +194,8 @@ def test_gradual_levels_best_checkpoints_and_resume(small_model, tmp_path, monke
     assert json.loads((out / "gradual_report.json").read_text())["schedule"] == [0.3, 0.5]
 
     # resume: finished levels are loaded, nothing recomputed
-    monkeypatch.setattr(OBSPruner, "estimate_fisher", lambda *a, **k: pytest.fail("recomputed a finished level"))
-    again = OBSPruner(small_model, _cfg()).gradual(data, data, [0.3, 0.5], cfg, out, eval_fn=score, eval_every=1)
+    monkeypatch.setattr(OBSSolver, "estimate_fisher", lambda *a, **k: pytest.fail("recomputed a finished level"))
+    again = OBSSolver(small_model, _cfg()).gradual(data, data, [0.3, 0.5], cfg, out, eval_fn=score, eval_every=1)
     assert again["report"]["levels"][1]["best_score"] == levels[1]["best_score"]
 
 
@@ -213,7 +214,7 @@ def test_cli_oneshot_sweep_and_refusals(small_model, tmp_path, capsys):
     data = _image_folder(tmp_path / "data")
     out = tmp_path / "out"
     base = ["prune", "obs", str(tmp_path / "model"), "--data", str(data), "--out", str(out)]
-    args = [*base, "--sparsity", "0.5", "0.6", "--num-grads", "12", "--block-size", "32", "--batch-size", "4"]
+    args = [*base, "--sparsity", "0.5", "0.6", "--num-grads", "12", "--block-size", "32", "--calib-batch-size", "4"]
     assert main([*args, "--compressed", "--val", str(data), "--no-progress"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert set(report["targets"]) == {"0.50", "0.60"}
@@ -227,10 +228,13 @@ def test_cli_oneshot_sweep_and_refusals(small_model, tmp_path, capsys):
     before = (out / "report.json").read_text()
     assert main(args) == 2  # exists, no --overwrite
     assert "output exists" in capsys.readouterr().err and (out / "report.json").read_text() == before
-    assert main([*base, "--overwrite", "--method", "wanda", "--sparsity", "0.5", "--num-grads", "8"]) == 0
+    wanda = ["prune", "wanda", *base[2:], "--overwrite", "--sparsity", "0.5", "--num-samples", "8"]
+    assert main(wanda) == 0  # a baseline is its own sub-command
+    assert json.loads((out / "report.json").read_text())["method"] == "wanda"
     assert main([*base, "--overwrite", "--nm", "3:2"]) == 2
     assert "N:M" in capsys.readouterr().err
-    assert main([*base, "--overwrite", "--method", "magic", "--sparsity", "0.5"]) == 2
+    with pytest.raises(SystemExit):
+        main(["prune", "magic", *base[2:], "--sparsity", "0.5"])
 
 
 def test_marginal_criterion_minimises_summed_loss_on_convex_traces():
@@ -258,12 +262,15 @@ def test_cli_gradual_and_resume(small_model, tmp_path, capsys):
     save(small_model, tmp_path / "model")
     data = _image_folder(tmp_path / "data")
     out = tmp_path / "grad"
-    args = ["prune", "obs", str(tmp_path / "model"), "--data", str(data), "--out", str(out), "--gradual"]
-    args += ["--schedule", "0.3", "0.5", "--steps-per-level", "1", "--train-batch-size", "4", "--num-grads", "8"]
-    args += ["--block-size", "32", "--batch-size", "4", "--val", str(data), "--no-progress", "--distill-alpha", "0.5"]
+    args = ["prune", "obs", str(tmp_path / "model"), "--data", str(data), "--out", str(out)]
+    args += ["--schedule", "0.3", "0.5", "--steps-per-level", "1", "--batch-size", "4", "--num-grads", "8"]
+    args += ["--block-size", "32", "--calib-batch-size", "4", "--val", str(data), "--no-progress"]
+    args += ["--distill-alpha", "0.5"]
     assert main(args) == 0
-    report = json.loads((out / "gradual_report.json").read_text())
+    report = json.loads((out / "gradual" / "gradual_report.json").read_text())
     assert [lv["target"] for lv in report["levels"]] == [0.3, 0.5]
-    assert (out / "level_1_s0.50" / "best" / "model" / "config.json").is_file()
+    assert (out / "gradual" / "level_1_s0.50" / "best" / "model" / "config.json").is_file()
+    assert (out / "s0.50" / "model" / "config.json").is_file()  # the final level, like any sweep target
+    assert json.loads((out / "report.json").read_text())["targets"]["0.50"]["schedule"] == [0.3, 0.5]
     assert main(args) == 2 and "--resume" in capsys.readouterr().err
     assert main([*args, "--resume"]) == 0  # finished levels are reloaded

@@ -10,17 +10,19 @@ import pytest
 
 from vitprune.cli.main import build_parser, main
 from vitprune.errors import VitPruneError
+from vitprune import pruners
 from vitprune.recipes import (
-    METHODS,
-    SCHEMAS,
     add_recipe_option,
     apply_recipe,
     list_recipes,
     load_recipe,
     recipe_defaults,
     recipes_dir,
+    schema,
     validate_recipe,
 )
+
+METHODS = [*pruners.available(), "pipeline"]
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
@@ -67,29 +69,30 @@ def test_packaged_recipes_load_and_cover_every_method():
     )
     for name in names:
         r = load_recipe(name)
-        assert r.name == name and r.version >= 1 and r.method in METHODS and r.settings
+        assert r.name == name and r.version >= 1 and r.method in METHODS and (r.settings or r.stages)
         assert r.sources, f"{name} cites no source"
         assert Path(r.path).parent == recipes_dir()
-    assert {load_recipe(n).method for n in names} == set(METHODS)
+    assert {load_recipe(n).method for n in names} >= {"nvit", "obs", "vtp", "pipeline"}
     assert set(list_recipes("vtp")) == {"vtp-cpu", "vtp-deit-imagenet"}
 
 
 def test_paper_defaults_are_those_of_methods_md():
     ovit = load_recipe("ovit-deit-imagenet").settings
     assert (ovit["block_size"], ovit["num_grads"], ovit["damp"], ovit["damp_absolute"]) == (192, 4096, 1e-8, True)
-    assert ovit["schedule"] == [0.5, 0.6, 0.75, 0.9] and ovit["gradual"] is True
+    assert ovit["schedule"] == (0.5, 0.6, 0.75, 0.9)
     assert load_recipe("vtp-deit-imagenet").settings["lambda"] == pytest.approx(1e-4)
     nvit = load_recipe("nvit-deit-imagenet").settings
     assert nvit["chunks"] == {"emb": 16, "heads": 2, "qk": 8, "v": 8, "mlp": 16}
     assert nvit["lr"] == pytest.approx(1e-4) and nvit["distill_alpha"] == 1.0
 
 
-def test_every_schema_key_is_an_option_of_its_prune_command(prune_parsers):
+def test_recipe_schema_and_cli_options_are_the_same_settings(prune_parsers):
+    """Both are generated from the config dataclasses: every recipe key is an option and every option a key."""
     _, methods = prune_parsers
-    for method, schema in SCHEMAS.items():
-        options = methods[method]._option_string_actions
-        missing = [k for k in schema if "--" + k.replace("_", "-") not in options]
-        assert not missing, f"vitprune prune {method} has no option for recipe keys {missing}"
+    for method in METHODS:
+        options = {o for o in methods[method]._option_string_actions if o.startswith("--")} - {"--help", "--recipe"}
+        keys = {"--" + k.replace("_", "-") for k in schema(method)}
+        assert keys == options, f"vitprune prune {method}: {sorted(keys ^ options)}"
 
 
 def test_every_packaged_recipe_converts_for_its_parser(prune_parsers):
@@ -99,7 +102,7 @@ def test_every_packaged_recipe_converts_for_its_parser(prune_parsers):
         values = recipe_defaults(methods[r.method], r)
         assert values, name
     vtp = recipe_defaults(methods["vtp"], load_recipe("vtp-cpu"))
-    assert vtp["lam"] == pytest.approx(1e-4) and vtp["gates"] == ("qk", "v", "mlp") and vtp["crop_scale"] == (0.35, 1.0)
+    assert vtp["lam"] == pytest.approx(1e-4) and vtp["kinds"] == ("qk", "v", "mlp") and vtp["crop_scale"] == (0.35, 1.0)
 
 
 # --------------------------------------------------------------------------------------------- validation
@@ -108,6 +111,7 @@ def test_load_from_file_and_numbers_normalised(tmp_path):
     assert (r.name, r.version, r.method) == ("mine", 2, "nvit")
     assert r.settings["min_lr"] == pytest.approx(1e-6) and isinstance(r.settings["min_lr"], float)
     assert r.settings["finetune_steps"] == 7 and r.settings["chunks"] == {"mlp": 32}
+    assert r.settings["min_lr"] == pytest.approx(1e-6)
 
 
 @pytest.mark.parametrize(
@@ -118,11 +122,13 @@ def test_load_from_file_and_numbers_normalised(tmp_path):
         ("  prune_steps: 2.5\n", "'prune_steps' must be an integer"),
         ("  lr: fast\n", "'lr' must be a number"),
         ("  lr: -1.0\n", "'lr' must be in (0, inf)"),
+        ("  hflip: 2\n", "'hflip' must be in [0, 1]"),
+        ("  crop_scale: [0.9, 0.2]\n", "'crop_scale' must be ordered LO,HI"),
         ("  augment: 1\n", "'augment' must be true or false"),
         ("  saliency: hessian\n", "'hessian' is not one of labels, distill"),
         ("  kinds: [heads, rows]\n", "'rows' is not one of"),
         ("  chunks: {mlp: 0}\n", "'chunks'[mlp] must be in [1, inf)"),
-        ("  batch_size: null\n", "'batch_size' must not be null"),
+        ("  batch_size: null\n", "'batch_size' must be set"),
         ("  target_params: 0.4\n", "'target_macs' and 'target_params' exclude each other"),
         ("  distill_alpha: 1.5\n", "'distill_alpha' must be in [0, 1]"),
     ],
@@ -167,8 +173,8 @@ def test_unknown_name_missing_file_and_method_mismatch(tmp_path):
 
 def test_validate_recipe_without_a_file():
     r = validate_recipe({"name": "x", "version": 1, "method": "obs", "settings": {"sparsity": [0.5, 0.7]}})
-    assert r.settings["sparsity"] == [0.5, 0.7] and r.path == "<recipe>"
-    with pytest.raises(VitPruneError, match=r"'sparsity'\[1\] must be in \[0, 1\)"):
+    assert r.settings["sparsity"] == (0.5, 0.7) and r.path == "<recipe>"
+    with pytest.raises(VitPruneError, match=r"'sparsity' must be in \[0, 1\)"):
         validate_recipe({"name": "x", "version": 1, "method": "obs", "settings": {"sparsity": [0.5, 1.0]}})
 
 

@@ -8,11 +8,13 @@ import json
 import pytest
 import torch
 
+import vitprune
 from vitprune import VitPruneError
 from vitprune.metrics.flops import count_macs, count_params
 from vitprune.models import ViT, ViTConfig, num_params
+from vitprune.metrics.cost import CostModel
+from vitprune.pruners.selection import GlobalThreshold as _GT
 from vitprune.pruners.vtp import (
-    GlobalThreshold,
     VTPPruner,
     attach_vtp_gates,
     emb_gate,
@@ -24,6 +26,10 @@ from vitprune.pruners.vtp import (
 from vitprune.structures import StructuralMasks, architecture_after, prune_model
 
 ALL = ("qk", "v", "mlp", "heads", "emb")
+
+
+def GlobalThreshold(config, scores, metric, round_to=None):  # noqa: N802 - the selector, costed by metric
+    return _GT(config, scores, CostModel(config, metric), round_to)
 
 
 @pytest.fixture(autouse=True)
@@ -233,7 +239,7 @@ def test_l1_drives_gates_down(micro_model):
     runs = {}
     for lam in (0.0, 5e-3):
         pruner = VTPPruner(target_macs=0.7, lam=lam, gate_lr=2e-2, **SMALL)
-        _, report = pruner.prune(micro_model, _loader(_Images()))
+        report = pruner.prune(micro_model, _loader(_Images())).report
         runs[lam] = report["gate_log"]
     n = runs[0.0][0]["count"]
     # with lambda > 0 the L1 norm of the gates falls well below its initial value n (all gates start at 1) ...
@@ -246,7 +252,8 @@ def test_l1_drives_gates_down(micro_model):
 
 def test_paper_mode_trains_gates_with_the_trainer_optimizer_only(micro_model):
     pruner = VTPPruner(target_params=0.8, lam=1e-2, gate_lr=None, **SMALL)
-    small, report = pruner.prune(micro_model, _loader(_Images()))
+    res = pruner.prune(micro_model, _loader(_Images()))
+    small, report = res.model, res.report
     log = report["gate_log"]
     assert log[-1]["l1"] < log[0]["count"]  # AdamW at lr 1e-3 moves each gate by <= ~1e-3 per step
     assert log[0]["count"] - log[-1]["l1"] <= log[0]["count"] * 1.5e-3 * SMALL["sparsity_steps"]
@@ -263,12 +270,15 @@ def test_prune_end_to_end_report_and_input_untouched(micro_model, tmp_path):
         evals.append(type(m).__name__)
         return {"top1": 0.0, "n": 1}
 
-    pruner = VTPPruner(target_macs=0.5, lam=1e-3, gates=ALL, round_to=2, out_dir=tmp_path / "run", **SMALL)
-    small, report = pruner.prune(micro_model, _loader(ds), eval_fn=eval_fn)
+    res = vitprune.prune(
+        micro_model, "vtp", _loader(ds), out=tmp_path / "run", eval_fn=eval_fn,
+        target_macs=0.5, lam=1e-3, kinds=ALL, round_to=2, **SMALL,
+    )  # fmt: skip
+    small, report = res.model, res.report
     assert report["pruned"]["fraction"]["macs"] <= 0.5
     assert report["selection"]["achieved_fraction"] == pytest.approx(report["pruned"]["fraction"]["macs"])
     assert report["fold_check"]["max_abs_logit_diff"] < 1e-5  # pruned == gated-with-zeros on real batches
-    assert len(evals) == 3 and {"dense", "pruned"} <= set(report) and "eval" in report["pruned"]
+    assert len(evals) == 4 and {"dense", "pruned", "masked_eval"} <= set(report) and "eval" in report["pruned"]
     assert report["sparsity"]["steps"] == 6 and report["finetune"]["steps"] == 3
     for b in small.config.blocks:
         assert b.scale == pytest.approx(8**-0.5)  # original softmax temperature kept
@@ -283,42 +293,43 @@ def test_prune_end_to_end_report_and_input_untouched(micro_model, tmp_path):
     torch.testing.assert_close(again(x), small(x), atol=0, rtol=0)
     saved = json.loads((tmp_path / "run" / "report.json").read_text())
     assert saved["pruned"]["macs"] == count_macs(small.config)["total"]
-    assert (tmp_path / "run" / "pruned" / "config.json").is_file()
+    assert (tmp_path / "run" / "state.pt").is_file() and (tmp_path / "run" / "masks.json").is_file()
     assert (tmp_path / "run" / "dims.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_resume_after_interruption_matches_uninterrupted_run(micro_model, tmp_path):
     settings = dict(target_macs=0.6, lam=5e-3, ckpt_every=2, **SMALL)
-    full, _ = VTPPruner(out_dir=tmp_path / "a", **settings).prune(micro_model, _loader(_Images()))
+    full = vitprune.prune(micro_model, "vtp", _loader(_Images()), out=tmp_path / "a", **settings).model
     # interrupted during sparsity training (after the step-4 checkpoint), then resumed
     with pytest.raises(KeyboardInterrupt):
-        VTPPruner(out_dir=tmp_path / "b", **settings).prune(micro_model, _loader(_Images(fail_after=8 * 5 + 4)))
+        vitprune.prune(micro_model, "vtp", _loader(_Images(fail_after=8 * 5 + 4)), out=tmp_path / "b", **settings)
     assert (tmp_path / "b" / "sparsity" / "checkpoint.pt").is_file()
     assert not (tmp_path / "b" / "model").exists()
-    resumed, report = VTPPruner(out_dir=tmp_path / "b", resume=True, **settings).prune(micro_model, _loader(_Images()))
+    res = vitprune.prune(micro_model, "vtp", _loader(_Images()), out=tmp_path / "b", resume=True, **settings)
+    resumed, report = res.model, res.report
     assert resumed.config == full.config
     for k, v in full.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[k], v, atol=0, rtol=0)
     assert report["sparsity"]["steps"] == 6
     # a finished run resumes to the same model without training
-    again, _ = VTPPruner(out_dir=tmp_path / "b", resume=True, **settings).prune(micro_model, _loader(_Images()))
+    again = vitprune.prune(micro_model, "vtp", _loader(_Images()), out=tmp_path / "b", resume=True, **settings).model
     assert all(torch.equal(again.state_dict()[k], v) for k, v in full.state_dict().items())
 
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"target_macs": 0.5, "lam": -1e-4}, "lambda"),
+        ({"target_macs": 0.5, "lam": -1e-4}, "--lambda must be in"),
         ({"target_macs": 0.0}, r"\(0, 1\]"),
         ({"target_params": 1.5}, r"\(0, 1\]"),
         ({"target_macs": 0.5, "target_params": 0.5}, "exactly one target"),
         ({}, "exactly one target"),
-        ({"target_macs": 0.5, "gates": ("qk", "rows")}, "unknown VTP gate"),
-        ({"target_macs": 0.5, "sparsity_steps": -1}, "sparsity-steps"),
-        ({"target_macs": 0.5, "lr": 0.0}, "lr"),
-        ({"target_macs": 0.5, "round_to": 0}, "round_to"),
-        ({"target_macs": 0.5, "gate_lr": -1.0}, "gate learning rate"),
-        ({"target_macs": 0.5, "bogus": 1}, "unknown VTP settings"),
+        ({"target_macs": 0.5, "kinds": ("qk", "rows")}, "'rows' is not one of"),
+        ({"target_macs": 0.5, "sparsity_steps": -1}, "--sparsity-steps"),
+        ({"target_macs": 0.5, "lr": 0.0}, "--lr"),
+        ({"target_macs": 0.5, "round_to": 0}, "--round-to"),
+        ({"target_macs": 0.5, "gate_lr": -1.0}, "--gate-lr"),
+        ({"target_macs": 0.5, "bogus": 1}, "unknown vtp setting"),
     ],
 )
 def test_bad_settings_raise_one_line_errors(kwargs, match):
@@ -329,18 +340,17 @@ def test_bad_settings_raise_one_line_errors(kwargs, match):
 
 def test_unreachable_target_fails_before_training_or_writing(micro_model, tmp_path):
     # with MLP gates only, attention + patch embedding + head stay: 10 % of the MACs is out of reach
-    pruner = VTPPruner(target_macs=0.1, gates=("mlp",), out_dir=tmp_path / "run", **SMALL)
     ds = _Images()
     with pytest.raises(VitPruneError, match="unreachable") as info:
-        pruner.prune(micro_model, _loader(ds))
+        vitprune.prune(micro_model, "vtp", _loader(ds), out=tmp_path / "run", target_macs=0.1, kinds=("mlp",), **SMALL)
     assert "\n" not in str(info.value)
     assert ds.reads == 0 and not (tmp_path / "run").exists()
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "keep.txt").write_text("x")
-    with pytest.raises(VitPruneError, match="output exists"):
-        VTPPruner(target_macs=0.7, out_dir=tmp_path / "old", **SMALL).prune(micro_model, _loader(ds))
+    with pytest.raises(VitPruneError, match="not a vitprune run directory"):
+        vitprune.prune(micro_model, "vtp", _loader(ds), out=tmp_path / "old", overwrite=True, target_macs=0.7, **SMALL)
     with pytest.raises(VitPruneError, match="nothing to resume"):
-        VTPPruner(target_macs=0.7, out_dir=tmp_path / "none", resume=True, **SMALL).prune(micro_model, _loader(ds))
+        vitprune.prune(micro_model, "vtp", _loader(ds), out=tmp_path / "none", resume=True, target_macs=0.7, **SMALL)
     assert ds.reads == 0 and (tmp_path / "old" / "keep.txt").read_text() == "x"
 
 
@@ -380,7 +390,7 @@ def test_cli_smoke_and_errors(micro_model, tmp_path, capsys):
     ]
     # bad input: one line on stderr, exit 2, nothing written
     for extra, msg in (
-        (["--target-macs", "0.5", "--lambda", "-1"], "lambda"),
+        (["--target-macs", "0.5", "--lambda", "-1"], "--lambda"),
         (["--target-params", "1.2"], "(0, 1]"),
         (["--target-macs", "0.01", "--gates", "mlp"], "unreachable"),
     ):

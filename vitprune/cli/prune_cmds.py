@@ -74,10 +74,14 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from vitprune.training import distributed as D
     from vitprune.training.runinfo import loadavg
 
+    from vitprune.pruners.run_options import RunOptions
+    from vitprune.pruners.settings import values_from_args
+
     t0 = time.perf_counter()
     for flag in ("data", "out"):
         if not getattr(args, flag):
             raise VitPruneError(f"--{flag} is required")
+    RunOptions(**values_from_args(RunOptions, args))  # every run option checked (ranges, order) before any work
     C.check_threads_and_batch(args)
     pruner = build_pruner(args)
     out = prepare_run_dir(args.out, overwrite=args.overwrite, resume=args.resume)
@@ -121,7 +125,5 @@ def register(sub: argparse._SubParsersAction) -> None:
         add_options(p, RunOptions, title="data and run")
         if cls is not None:
             add_options(p, cls.Config, title=f"{name} settings")
-        else:
-            p.add_argument("--seed", type=int, default=0, help="calibration subset and data order")
         p.set_defaults(func=cmd_prune, method_name=name)
         add_recipe_option(p, name)

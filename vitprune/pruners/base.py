@@ -118,11 +118,15 @@ class PrunerConfig:
     progress: bool = setting(True, flag="no-progress", help="no progress bars")
 
     def __post_init__(self) -> None:
+        self.normalize()
         validate_settings(self)
         self.check()
 
+    def normalize(self) -> None:
+        """Accept convenient library forms before validation (subclasses extend)."""
+
     def check(self) -> None:
-        """Cross-field checks (subclasses extend)."""
+        """Cross-field checks after validation (subclasses extend)."""
 
     def to_dict(self) -> dict[str, Any]:
         return setting_dict(self)

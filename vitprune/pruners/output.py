@@ -135,7 +135,7 @@ def _unstructured(items: list[PruneResult], out: Path, compressed: bool) -> dict
     from vitprune.utils.fs import atomic_path
 
     first = items[0].report
-    report: dict[str, Any] = {k: first[k] for k in ("method", "type", "paper", "settings") if k in first}
+    report: dict[str, Any] = {k: first[k] for k in ("method", "label", "type", "paper", "settings") if k in first}
     report["targets"] = {}
     for res in items:
         key = f"{res.target:.2f}"
@@ -144,7 +144,7 @@ def _unstructured(items: list[PruneResult], out: Path, compressed: bool) -> dict
         save(res.model, sub / "model", overwrite=True, meta={"prune": {"method": first.get("method"), "target": key}})
         with atomic_path(sub / "masks.safetensors", overwrite=True) as tmp:
             save_file({k: v.to(torch.uint8).contiguous().cpu() for k, v in res.masks.items()}, str(tmp))
-        entry = {k: v for k, v in res.report.items() if k not in ("method", "type", "paper", "settings")}
+        entry = {k: v for k, v in res.report.items() if k not in ("method", "label", "type", "paper", "settings")}
         if compressed:
             from vitprune.export.sparse import save_sparse
 
@@ -163,7 +163,7 @@ def summary_lines(results: PruneResult | list[PruneResult], out: str | os.PathLi
         if res.kind == "structural":
             frac, target = r["pruned"]["fraction"], r["target"]
             text = (
-                f"{r['method']}: kept {frac['macs']:.3f} of dense MACs, {frac['params']:.3f} of params"
+                f"{r.get('label') or r['method']}: kept {frac['macs']:.3f} of dense MACs, {frac['params']:.3f} of params"
                 + (f", {frac['latency_pred']:.3f} of LUT latency" if "latency_pred" in frac else "")
                 + f" (target {target['metric']} {target['fraction']:g}); embedding {r['dense']['embed_dim']} -> "
                 f"{r['pruned']['embed_dim']}, {r['pruned']['depth']}/{r['dense']['depth']} blocks"
@@ -172,7 +172,7 @@ def summary_lines(results: PruneResult | list[PruneResult], out: str | os.PathLi
                 text += f"; top-1 {r['dense'].get('eval', {}).get('top1', float('nan')):.2f} % -> "
                 text += f"{r['pruned']['eval']['top1']:.2f} %"
         else:
-            text = f"{r['method']} s={res.target:.2f}: sparsity {r['sparsity']:.4f}"
+            text = f"{r.get('label') or r['method']} s={res.target:.2f}: sparsity {r['sparsity']:.4f}"
             if "eval" in r:
                 text += f", top-1 {r['eval']['top1']:.2f} % (dense {r['dense_eval']['top1']:.2f} %)"
         lines.append(text)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vitprune.pruners.settings import setting
+from vitprune.pruners.settings import setting, validate_settings
 
 
 @dataclass
@@ -40,9 +40,13 @@ class RunOptions:
     resume: bool = setting(False, help="continue an interrupted run in --out")
     overwrite: bool = setting(False, help="replace an existing run in --out")
     compressed: bool = setting(False, help="unstructured: also store each model as bitmask + values")
+    seed: int = setting(0, low=0, help="seed of the calibration subset, data order, scoring and training")
     workers: int = setting(0, low=0, help="data-loading worker processes")
     device: str = setting("auto", help="cpu, cuda, cuda:N or auto")
     threads: int | None = setting(None, kind="int", low=1, nullable=True, help="torch CPU threads")
+
+    def __post_init__(self) -> None:
+        validate_settings(self)
 
 
 __all__ = ["RunOptions"]

@@ -347,6 +347,8 @@ class GlobalThreshold:
 
     def select(self, target: float) -> tuple[int, StructuralMasks, dict[str, Any]]:
         """Fewest removals ``k`` whose cost is ``<= target * dense cost`` (binary search; cost is monotone)."""
+        if not isinstance(target, (int, float)) or not math.isfinite(target) or not 0.0 < target <= 1.0:
+            raise VitPruneError(f"target {self.metric} fraction must be in (0, 1], got {target!r}")
         budget = target * self.dense_cost
         if self.cost(self.num_candidates) > budget:
             raise VitPruneError(

@@ -147,6 +147,8 @@ def _check_choice(x: str, spec: Spec, where: str) -> None:
 
 def check_value(value: Any, spec: Spec, where: str) -> Any:
     """The validated value of ``spec`` (numbers normalised to int/float, lists to tuples, maps to dicts)."""
+    if spec.zero_is_none and not isinstance(value, bool) and value == 0:
+        return None
     if value is None:
         if spec.nullable:
             return None
@@ -220,7 +222,9 @@ def setting_dict(obj: Any) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------------ CLI
 def _cli_parse(spec: Spec, name: str) -> Callable[[str], Any]:
-    """argparse ``type`` for one token: parse, then validate range/choices (a one-line argparse error)."""
+    """argparse ``type`` for one token: the value's type only (``KIND=N,...`` maps, ``LO,HI`` pairs, ``0`` = off
+    where ``zero_is_none``). Ranges and choices are checked by the config itself (:func:`validate_settings`), so
+    the CLI, the API and recipes give the same one-line message."""
     where = spec.option(name)
 
     def parse(text: str) -> Any:
@@ -230,26 +234,21 @@ def _cli_parse(spec: Spec, name: str) -> Callable[[str], Any]:
                 for part in filter(None, (p.strip() for p in text.split(","))):
                     key, sep, number = part.partition("=")
                     if not sep:
-                        raise VitPruneError(f"{where} expects KIND=N,..., got {text!r}")
-                    value[key.strip()] = number.strip()
-                value = {k: _number(_int_text(v, where), "int", where) for k, v in value.items()}
-            elif spec.kind in ("int", "float"):
-                value = _int_text(text, where) if spec.kind == "int" else _float_text(text, where)
+                        raise VitPruneError(f"expects KIND=N,..., got {text!r}")
+                    value[key.strip()] = _int_text(number.strip(), where)
+                return value
+            if spec.kind == "int":
+                value = _int_text(text, where)
+            elif spec.kind in ("float", "floats"):
+                value = _float_text(text, where)
+            elif spec.kind in ("strs", "pair"):
+                items = [v.strip() for v in text.split(",") if v.strip()]
+                value = tuple(_float_text(v, where) for v in items) if spec.kind == "pair" else tuple(items)
             else:
                 value = text
-            if spec.nargs:  # one item of a list option
-                item = Spec(
-                    kind="float" if spec.kind == "floats" else "str",
-                    low=spec.low,
-                    high=spec.high,
-                    low_open=spec.low_open,
-                    high_open=spec.high_open,
-                    choices=spec.choices,
-                )
-                return check_value(_float_text(value, where) if spec.kind == "floats" else value, item, where)
             if spec.zero_is_none and value == 0:
                 return None
-            return check_value(value, spec, where)
+            return value
         except VitPruneError as exc:
             raise argparse.ArgumentTypeError(str(exc).removeprefix(f"{where} ").strip()) from None
 

@@ -301,6 +301,7 @@ class StructuralPruner(Pruner):
         )
         report: dict[str, Any] = {
             "method": self.name,
+            "label": self.label,
             "type": self.kind,
             "paper": self.paper,
             "settings": cfg.to_dict(),

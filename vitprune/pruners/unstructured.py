@@ -46,11 +46,13 @@ class UnstructuredConfig(PrunerConfig):
         DEFAULT_PATTERNS, kind="strs", help="prunable linears (fnmatch patterns of module names)"
     )
 
+    def normalize(self) -> None:
+        if isinstance(self.nm, (tuple, list)):  # the library's (N, M) form
+            self.nm = f"{int(self.nm[0])}:{int(self.nm[1])}"
+
     def check(self) -> None:
         from vitprune.pruners.calibration import parse_nm
 
-        if isinstance(self.nm, (tuple, list)):
-            self.nm = f"{int(self.nm[0])}:{int(self.nm[1])}"
         parse_nm(self.nm)
 
     @property
@@ -117,7 +119,8 @@ class UnstructuredPruner(Pruner):
         out = []
         teacher = teacher if teacher is not None else model
         for target, res in results.items():
-            report = {"method": self.name, "type": self.kind, "paper": self.paper, "settings": self.config.to_dict()}
+            report = {"method": self.name, "label": self.label, "type": self.kind, "paper": self.paper}
+            report["settings"] = self.config.to_dict()
             report |= dict(res.report)
             if dense_eval is not None:
                 report["dense_eval"] = dense_eval
