@@ -9,8 +9,8 @@ import vitprune
 from vitprune import VitPruneError
 from vitprune.cli.main import main
 from vitprune.latency.lut import LatencyTable
-from vitprune.metrics.flops import count_macs, count_params
 from vitprune.metrics.cost import CostModel
+from vitprune.metrics.flops import count_macs, count_params
 from vitprune.models import ViT, ViTConfig, load, save
 from vitprune.pruners.nvit import NViTConfig, NViTPruner
 from vitprune.pruners.selection import greedy_select as select_removals

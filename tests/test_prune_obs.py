@@ -16,7 +16,7 @@ from vitprune.errors import VitPruneError
 from vitprune.models import ViT, ViTConfig, load, save
 from vitprune.pruners.baselines import prune_baseline
 from vitprune.pruners.calibration import find_linears, iter_gradients
-from vitprune.pruners.obs import OBSConfig, OBSPruner, OBSSolver
+from vitprune.pruners.obs import OBSConfig, OBSSolver
 
 
 @pytest.fixture(autouse=True)

@@ -22,7 +22,8 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def recorded():
-    return load_file(str(DATA / "pruner_regression.safetensors")), json.loads((DATA / "pruner_regression.json").read_text())
+    meta = json.loads((DATA / "pruner_regression.json").read_text())
+    return load_file(str(DATA / "pruner_regression.safetensors")), meta
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from vitprune import pruners
 from vitprune.cli.main import build_parser, main
 from vitprune.errors import VitPruneError
-from vitprune import pruners
 from vitprune.recipes import (
     add_recipe_option,
     apply_recipe,

@@ -10,9 +10,9 @@ import torch
 
 import vitprune
 from vitprune import VitPruneError
+from vitprune.metrics.cost import CostModel
 from vitprune.metrics.flops import count_macs, count_params
 from vitprune.models import ViT, ViTConfig, num_params
-from vitprune.metrics.cost import CostModel
 from vitprune.pruners.selection import GlobalThreshold as _GT
 from vitprune.pruners.vtp import (
     VTPPruner,
@@ -28,7 +28,7 @@ from vitprune.structures import StructuralMasks, architecture_after, prune_model
 ALL = ("qk", "v", "mlp", "heads", "emb")
 
 
-def GlobalThreshold(config, scores, metric, round_to=None):  # noqa: N802 - the selector, costed by metric
+def GlobalThreshold(config, scores, metric, round_to=None):
     return _GT(config, scores, CostModel(config, metric), round_to)
 
 

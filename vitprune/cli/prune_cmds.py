@@ -71,11 +71,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from vitprune.cli import _common as C
     from vitprune.models.checkpoints import load_model
     from vitprune.pruners.output import prepare_run_dir, summary_lines, write_results
-    from vitprune.training import distributed as D
-    from vitprune.training.runinfo import loadavg
-
     from vitprune.pruners.run_options import RunOptions
     from vitprune.pruners.settings import values_from_args
+    from vitprune.training import distributed as D
+    from vitprune.training.runinfo import loadavg
 
     t0 = time.perf_counter()
     for flag in ("data", "out"):

@@ -163,7 +163,8 @@ def summary_lines(results: PruneResult | list[PruneResult], out: str | os.PathLi
         if res.kind == "structural":
             frac, target = r["pruned"]["fraction"], r["target"]
             text = (
-                f"{r.get('label') or r['method']}: kept {frac['macs']:.3f} of dense MACs, {frac['params']:.3f} of params"
+                f"{r.get('label') or r['method']}: kept {frac['macs']:.3f} of dense MACs, "
+                f"{frac['params']:.3f} of params"
                 + (f", {frac['latency_pred']:.3f} of LUT latency" if "latency_pred" in frac else "")
                 + f" (target {target['metric']} {target['fraction']:g}); embedding {r['dense']['embed_dim']} -> "
                 f"{r['pruned']['embed_dim']}, {r['pruned']['depth']}/{r['dense']['depth']} blocks"
