@@ -6,12 +6,9 @@ A benchmark writes ``benchmarks/results/<name>.json`` (the numbers plus :func:`e
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import os
-import platform
 import shlex
-import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,6 +22,7 @@ RESULTS = REPO / "benchmarks" / "results"
 if str(REPO) not in sys.path:  # run as ``python benchmarks/x.py`` without installing
     sys.path.insert(0, str(REPO))
 
+from vitprune.training import runinfo  # noqa: E402
 from vitprune.utils.fs import atomic_write_text  # noqa: E402
 
 
@@ -41,50 +39,24 @@ def shared_data() -> Path:
     return shared_root() / "data" / "tiny-imagenet-200"
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def git_commit() -> str:
-    """``<sha>`` (with ``+dirty`` when the working tree has changes), or ``unknown``."""
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True, text=True
-        ).stdout.strip()
-        return sha + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def command_line() -> str:
     return shlex.join([Path(sys.executable).name, *sys.argv])
 
 
+def git_commit() -> str:
+    return runinfo.git_commit(REPO)
+
+
 def environment() -> dict[str, Any]:
-    """Machine, software and provenance of a benchmark run."""
+    """Machine, software and provenance of a benchmark run (:mod:`vitprune.training.runinfo`)."""
+    machine = runinfo.machine_info() | {"loadavg": runinfo.loadavg()}
     return {
         "command": command_line(),
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": runinfo.utc_now(),
         "git_commit": git_commit(),
-        "machine": {
-            "cpu": cpu_model(),
-            "cores": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "platform": platform.platform(),
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-        },
-        "python": platform.python_version(),
-        "torch": torch.__version__,
+        "machine": machine,
+        "python": machine["python"],
+        "torch": machine["torch"],
         "shared_root": str(shared_root()),
     }
 
@@ -119,9 +91,7 @@ def write_results(name: str, record: dict[str, Any], markdown: str, results_dir:
     return out / f"{name}.json"
 
 
-def loadavg() -> list[float] | None:
-    """The 1 / 5 / 15-minute load averages (None where the OS has none): other jobs sharing the machine."""
-    return [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None
+loadavg = runinfo.loadavg
 
 
 def cached_batches(dataset, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -84,8 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     import _structural_common as S
     from _recovery import DEFAULTS, build_train_loader, recover
 
+    from vitprune import pruners
     from vitprune.latency.lut import LatencyTable
-    from vitprune.pruners.nvit import NViTPruner
 
     t_start = time.perf_counter()
     load_start = loadavg()
@@ -107,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         name = f"nvit-{metric}-{target:g}"
         t0 = time.perf_counter()
         kwargs = {f"target_{metric}": target}
-        pruner = NViTPruner(
+        pruner = pruners.create(
+            "nvit",
             **kwargs,
             lut=lut if metric == "latency" else None,  # a MACs target is ranked without latency regularisation
             prune_steps=args.prune_steps,
@@ -119,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             progress=False,
         )
-        model, report = pruner.prune(dense, saliency_batches(args.batch_size, args.workers, args.seed))
+        res = pruner.prune(dense, saliency_batches(args.batch_size, args.workers, args.seed))
+        model, report = res.model, res.report
         model.eval()
         row: dict[str, Any] = {
             "name": name,

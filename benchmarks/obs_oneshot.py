@@ -27,7 +27,7 @@ from vitprune.metrics import evaluate
 from vitprune.models.checkpoints import load_model
 from vitprune.pruners.baselines import prune_baseline
 from vitprune.pruners.calibration import find_linears
-from vitprune.pruners.obs import OBSConfig, OBSPruner, peak_rss_bytes
+from vitprune.pruners.obs import OBSConfig, OBSSolver, peak_rss_bytes
 
 DENSE_TOP1_FULL_VAL = 69.46
 
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if "obs" in args.methods:
         cfg = obs_config(args)
-        pruner = OBSPruner(model, cfg)
+        pruner = OBSSolver(model, cfg)
         t0 = time.perf_counter()
         pruner.estimate_fisher(calib_loader)
         pruner.compute_traces()

@@ -37,28 +37,14 @@ from torch.utils.data import Subset
 
 from vitprune.data import ImageFolderDataset, build_eval_transform, make_loader
 from vitprune.metrics import evaluate
+from vitprune.metrics.sparsity import prunable_weight_names, zero_counts
 from vitprune.models.checkpoints import load_model
 from vitprune.pruners.baselines import prune_baseline
-from vitprune.pruners.calibration import find_linears
-from vitprune.pruners.obs import OBSConfig, OBSPruner, peak_rss_bytes
+from vitprune.pruners.obs import OBSConfig, OBSSolver, peak_rss_bytes
 from vitprune.training import WeightMasks
 
 DENSE_TOP1_FULL_VAL = 69.46
 METHODS = ("obs", "gm")
-
-
-def prunable_weight_names(model: nn.Module) -> list[str]:
-    return [f"{n}.weight" for n in find_linears(model)]
-
-
-@torch.no_grad()
-def count_zeros(model: nn.Module) -> dict[str, float | int]:
-    """Exact zeros over all prunable linear weights (what the sparsity claim is about)."""
-    params = dict(model.named_parameters())
-    names = prunable_weight_names(model)
-    zeros = sum(int((params[n] == 0).sum()) for n in names)
-    total = sum(params[n].numel() for n in names)
-    return {"zeros": zeros, "weights": total, "sparsity": zeros / total}
 
 
 @torch.no_grad()
@@ -120,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     obs_pass = None
     if "obs" in methods:
         cfg = obs_config(args)
-        pruner = OBSPruner(dense, cfg)
+        pruner = OBSSolver(dense, cfg)
         t0 = time.perf_counter()
         res = pruner.prune(calib_loader, [args.sparsity])[args.sparsity]
         wall = time.perf_counter() - t0
@@ -152,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         r = evaluate(model, batches, progress=False)
         results[method].update(
             oneshot={"top1": r["top1"], "top5": r["top5"], "loss": r["loss"]},
-            sparsity_before=count_zeros(model),
+            sparsity_before=zero_counts(model),
             mask_sparsity=masks[method].sparsity(),
         )
         print(f"{method} {args.sparsity:.2f} one-shot: top1 {r['top1']:.2f}", flush=True)
@@ -182,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
         )
         r = evaluate(model, batches, progress=False)
-        after = count_zeros(model)
+        after = zero_counts(model)
         results[method].update(
             recovery=rec,
             recovered={"top1": r["top1"], "top5": r["top5"], "loss": r["loss"]},

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
 import tempfile
 import time
 from pathlib import Path
@@ -26,13 +25,12 @@ from pathlib import Path
 import torch
 from _common import cached_batches, markdown_table, shared_data, shared_model, write_results
 
+from vitprune import pruners
 from vitprune.data import ImageFolderDataset, build_eval_transform, make_loader
 from vitprune.metrics import evaluate
 from vitprune.metrics.flops import count_macs, count_params
 from vitprune.metrics.latency import compare_latency
 from vitprune.models.checkpoints import load_model
-from vitprune.pruners.vtp import VTPPruner
-from vitprune.structures import StructuralMasks, architecture_after, prune_model
 from vitprune.training.augment import build_train_transform
 from vitprune.training.losses import DistillationLoss
 
@@ -51,46 +49,11 @@ def measure_step_s(model, batch: torch.Tensor, steps: int = 2) -> float:
     return sorted(times[1:])[len(times[1:]) // 2]
 
 
-@torch.no_grad()
-def unit_norms(model) -> dict[str, torch.Tensor]:
-    """L2 norm of every QK dim / V dim / MLP neuron's weights (over all heads), keyed like ``StructuralMasks``."""
-    out: dict[str, torch.Tensor] = {}
-    for b, (cfg, blk) in enumerate(zip(model.config.blocks, model.blocks, strict=True)):
-        h, dq, dv = cfg.heads, cfg.qk_dim, cfg.v_dim
-        w = blk.attn.qkv.weight
-        q, k, v = w[: h * dq].reshape(h, dq, -1), w[h * dq : 2 * h * dq].reshape(h, dq, -1), w[2 * h * dq :]
-        proj = blk.attn.proj.weight.reshape(-1, h, dv)
-        out[f"blocks.{b}.qk"] = (q.pow(2).sum((0, 2)) + k.pow(2).sum((0, 2))).sqrt()
-        out[f"blocks.{b}.v"] = (v.reshape(h, dv, -1).pow(2).sum((0, 2)) + proj.pow(2).sum((0, 1))).sqrt()
-        out[f"blocks.{b}.mlp"] = (blk.mlp.fc1.weight.pow(2).sum(1) + blk.mlp.fc2.weight.pow(2).sum(0)).sqrt()
-    return out
-
-
-def uniform_magnitude(model, target: float, round_to: int = 1):
-    """Same kept fraction of QK / V / MLP units in every block (lowest norm removed, widths rounded up to a
-    multiple of ``round_to``), the largest fraction whose MACs are <= target."""
-    norms = unit_norms(model)
-    dense = count_macs(model.config)["total"]
-
-    def masks_for(frac: float) -> StructuralMasks:
-        m = StructuralMasks.all_kept(model.config)
-        for key, s in norms.items():
-            keep = min(s.numel(), max(1, math.ceil(frac * s.numel() / round_to)) * round_to)
-            mask = torch.zeros(s.numel(), dtype=torch.bool)
-            mask[torch.argsort(s, descending=True)[:keep]] = True
-            kind = key.split(".")[2]
-            setattr(m.blocks[int(key.split(".")[1])], kind, mask)
-        return m
-
-    lo, hi = 0.0, 1.0
-    for _ in range(30):
-        mid = (lo + hi) / 2
-        if count_macs(architecture_after(model.config, masks_for(mid)))["total"] <= target * dense:
-            lo = mid
-        else:
-            hi = mid
-    masks = masks_for(lo)
-    return prune_model(copy.deepcopy(model), masks).eval()
+def uniform_magnitude(model, target: float, round_to: int | None, loader):
+    """The structural L2 baseline of the registry at ``target`` of the MACs (same kept fraction in every block)."""
+    return (
+        pruners.create("l2", target_macs=target, round_to=round_to or None, progress=False).prune(model, loader).model
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,10 +123,11 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for target in args.targets:
         with tempfile.TemporaryDirectory(prefix="vtp_bench_") as tmp:
-            pruner = VTPPruner(
+            pruner = pruners.create(
+                "vtp",
                 target_macs=target,
                 lam=args.lam,
-                gates=tuple(args.gates.split(",")),
+                kinds=tuple(args.gates.split(",")),
                 sparsity_steps=sparsity_steps,
                 finetune_steps=finetune_steps,
                 lr=args.lr,
@@ -173,12 +137,12 @@ def main(argv: list[str] | None = None) -> int:
                 grad_clip=1.0,
                 seed=args.seed,
                 log_every=max(1, sparsity_steps // 10),
-                out_dir=Path(tmp) / "run",
             )
             t_run = time.perf_counter()
-            small, report = pruner.prune(model, loader, eval_fn=eval_fn)
+            res = pruner.prune(model, loader, eval_fn=eval_fn, workdir=Path(tmp) / "run")
+            small, report = res.model, res.report
             wall = time.perf_counter() - t_run
-        uniform = uniform_magnitude(model, target, args.round_to or 1)
+        uniform = uniform_magnitude(model, target, args.round_to, loader)
         uni_eval = eval_fn(uniform)
         lat = compare_latency(model, small, batch_size=args.latency_batch, runs=args.latency_runs, warmup=2)
         row = {

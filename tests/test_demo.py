@@ -11,16 +11,9 @@ import torch
 
 from vitprune import pruners
 from vitprune.cli.main import main
-from vitprune.demo import (
-    DemoConfig,
-    format_table,
-    nonzero_params,
-    prunable_weights,
-    run_demo,
-    sparsity_vs_dense,
-    summary_json,
-)
+from vitprune.demo import DemoConfig, format_table, run_demo, summary_json
 from vitprune.errors import VitPruneError
+from vitprune.metrics.sparsity import nonzero_params, prunable_weights, sparsity_vs_dense
 from vitprune.models.io import is_model_dir, load, save
 from vitprune.models.vit import ViT
 from vitprune.training.default_model import default_model_dir, fashion_mnist_config

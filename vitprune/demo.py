@@ -37,8 +37,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from vitprune.errors import VitPruneError
 from vitprune.metrics.flops import count_macs, count_params, format_count
+from vitprune.metrics.sparsity import nonzero_params, prunable_weights, sparsity_vs_dense
 from vitprune.models.vit import ViT
-from vitprune.pruners.calibration import DEFAULT_PATTERNS, find_linears
 from vitprune.utils.fs import atomic_path, check_writable_target
 
 DEFAULT_OUT = "vitprune-demo"
@@ -106,30 +106,6 @@ class DemoConfig:
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def _prunable_weight_names(model: nn.Module) -> list[str]:
-    return [f"{n}.weight" for n in find_linears(model, DEFAULT_PATTERNS)]
-
-
-def prunable_weights(model: nn.Module) -> int:
-    """Number of qkv / proj / fc1 / fc2 weight elements (the sparsity denominator)."""
-    params = dict(model.named_parameters())
-    return sum(params[n].numel() for n in _prunable_weight_names(model))
-
-
-def nonzero_params(model: nn.Module) -> int:
-    """Architecture parameters minus the exactly-zero entries of the prunable weights."""
-    params = dict(model.named_parameters())
-    zeros = sum(int((params[n] == 0).sum()) for n in _prunable_weight_names(model))
-    return count_params(model.config) - zeros
-
-
-def sparsity_vs_dense(model: nn.Module, dense_prunable: int) -> float:
-    """Share of the dense model's prunable weights that are gone: removed by surgery or exactly zero."""
-    params = dict(model.named_parameters())
-    kept = sum(int((params[n] != 0).sum()) for n in _prunable_weight_names(model))
-    return 1.0 - kept / dense_prunable
-
-
 class _Clock:
     """Wall and process CPU seconds of named stages."""
 

@@ -53,12 +53,6 @@ def _grid(cfg: ViTConfig, img_size: ImgSize) -> tuple[int, int]:
     return h // cfg.patch_size, w // cfg.patch_size
 
 
-def num_tokens(cfg: ViTConfig, img_size: ImgSize = None) -> int:
-    """Sequence length: class/distillation tokens plus one token per patch."""
-    gh, gw = _grid(cfg, img_size)
-    return cfg.num_prefix_tokens + gh * gw
-
-
 def block_macs(dim: int, block: BlockConfig, tokens: int) -> dict[str, int]:
     """MACs of one pre-norm block per image (see the module docstring for the formulas)."""
     n, h, q, v, m = tokens, block.heads, block.qk_dim, block.v_dim, block.mlp_dim

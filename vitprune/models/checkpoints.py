@@ -527,6 +527,7 @@ def load_model(
         raise VitPruneError(f"model path not found: {p}")
     if p.is_file():
         return _load_file(p, preset, num_classes, heads)
+    p = io.resolve_model_dir(p)  # the model of a prune / finetune / train run directory
     cfg_path = p / io.CONFIG_NAME
     if not cfg_path.is_file():  # a bare directory holding a timm state dict
         return _load_file(_dir_weights(p), preset, num_classes, heads)

@@ -24,6 +24,23 @@ def is_model_dir(path: str | os.PathLike) -> bool:
     return p.is_dir() and (p / CONFIG_NAME).is_file() and (p / WEIGHTS_NAME).is_file()
 
 
+def resolve_model_dir(path: str | os.PathLike) -> Path:
+    """The model directory behind ``path``: ``path`` itself, or the model of a run directory written by
+    ``vitprune prune`` / ``finetune`` / ``train`` (``RUN/model/``; a sweep with one target: ``RUN/s0.50/model/``)."""
+    p = Path(path)
+    if not p.is_dir() or is_model_dir(p):
+        return p
+    if is_model_dir(p / "model"):
+        return p / "model"
+    sweep = sorted(c for c in p.glob("s*.*/model") if is_model_dir(c))
+    if len(sweep) == 1:
+        return sweep[0]
+    if len(sweep) > 1:
+        names = ", ".join(str(c) for c in sweep)
+        raise VitPruneError(f"{p} holds a sweep of {len(sweep)} models: give one of {names}")
+    return p
+
+
 def save(model: ViT, directory: str | os.PathLike, overwrite: bool = False, meta: dict | None = None) -> Path:
     """Write ``model`` to ``directory`` atomically; refuse to replace an existing path unless ``overwrite``."""
     with atomic_path(directory, overwrite=overwrite, is_dir=True) as tmp:
@@ -48,8 +65,9 @@ def attach_gate(module: torch.nn.Module, name: str, value: torch.Tensor, learnab
 
 
 def load(directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> ViT:
-    """Rebuild a model saved by :func:`save`; the logits are identical to the saved model's."""
-    d = Path(directory)
+    """Rebuild a model saved by :func:`save` (or the model of a run directory); the logits are identical to the
+    saved model's."""
+    d = resolve_model_dir(directory)
     if not d.exists():
         raise VitPruneError(f"model path not found: {d}")
     if not is_model_dir(d):

@@ -261,12 +261,6 @@ class SparsePruneResult:
     report: dict[str, Any] = field(default_factory=dict)
 
 
-def masks_from_zeros(model: nn.Module, names: Iterable[str]) -> dict[str, Tensor]:
-    """``{'<name>.weight': weight != 0}`` for the given linears."""
-    modules = dict(model.named_modules())
-    return {f"{n}.weight": modules[n].weight.detach() != 0 for n in names}
-
-
 def sparsity_report(masks: dict[str, Tensor]) -> dict[str, Any]:
     """Per-layer and total sparsity of ``masks`` (fraction of False)."""
     layers = {n: 1.0 - m.float().mean().item() for n, m in masks.items()}

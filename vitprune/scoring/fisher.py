@@ -25,7 +25,6 @@ this before anything is allocated.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -33,36 +32,9 @@ import torch
 from torch import Tensor
 
 from vitprune.errors import VitPruneError
+from vitprune.training import distributed as D
 
 FISHER_MODES = ("accumulate", "woodbury")
-
-
-def _dist():
-    """helper C's distributed helpers, or single-process stand-ins when that module is absent."""
-    try:
-        from vitprune.training import distributed
-
-        return distributed
-    except ImportError:  # pragma: no cover - the module ships with the package
-
-        class _Single:
-            @staticmethod
-            def is_distributed() -> bool:
-                return False
-
-            @staticmethod
-            def world_size() -> int:
-                return 1
-
-            @staticmethod
-            def rank() -> int:
-                return 0
-
-            @staticmethod
-            def all_reduce_sum_(t: Tensor) -> Tensor:
-                return t
-
-        return _Single
 
 
 @dataclass(frozen=True)
@@ -206,7 +178,7 @@ class BlockFisherInverse:
         """All-reduce across ranks (accumulate mode) and invert ``lambda I + S / m`` block by block."""
         if self.finalized:
             return
-        dist = _dist()
+        dist = D
         if self.mode == "accumulate":
             count = torch.tensor([float(self.count)], dtype=torch.float64)
             if dist.is_distributed():
@@ -303,7 +275,7 @@ class FisherInverses:
 
     def add(self, grads: Mapping[str, Tensor]) -> None:
         """Fold one chunk of gradients ``{name: (k, numel)}``; in woodbury mode, gathered from every rank."""
-        dist = _dist()
+        dist = D
         for name, g in grads.items():
             if dist.is_distributed() and self.layers[name].mode == "woodbury":
                 g = all_gather_rows(g, dist)
@@ -341,7 +313,3 @@ def dense_block_fisher_inverse(grads: Tensor, block_size: int, damp: float) -> l
         f = g @ g.transpose(1, 2) / m + damp * torch.eye(part.shape[-1], dtype=torch.float64)
         out.append(torch.linalg.inv(f))
     return out
-
-
-def num_blocks(numel: int, block_size: int) -> int:
-    return math.ceil(numel / min(block_size, numel))

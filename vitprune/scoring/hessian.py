@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from vitprune.errors import VitPruneError
 from vitprune.models.vit import GATE_NAMES, logits_of
 from vitprune.structures.groups import block_param_names, emb_axes, unit_key
+from vitprune.training.distributed import all_reduce_sum_
 
 MODES = ("labels", "distill")
 
@@ -87,14 +88,6 @@ def group_sums(model: nn.Module, grads: dict[str, Tensor] | None = None) -> dict
     return out
 
 
-def _all_reduce_sum_(t: Tensor) -> Tensor:
-    try:
-        from vitprune.training.distributed import all_reduce_sum_
-    except ImportError:  # single-process only
-        return t
-    return all_reduce_sum_(t)
-
-
 class HessianSaliency:
     """Accumulate ``I(S) = 1/2 E_batch[(sum_S g w)^2]`` over batches for every group of ``model``.
 
@@ -129,7 +122,7 @@ class HessianSaliency:
         flat = torch.cat(
             [self.sumsq[k].reshape(-1) for k in keys] + [torch.tensor([float(self.batches)]).to(self.sumsq[keys[0]])]
         )
-        _all_reduce_sum_(flat)
+        all_reduce_sum_(flat)
         n = float(flat[-1])
         out, i = {}, 0
         for k in keys:
@@ -221,8 +214,3 @@ def compute_saliency(
     if acc.batches == 0:
         raise VitPruneError("no batches for the saliency (empty data loader?)")
     return acc.scores()
-
-
-def flatten_scores(scores: dict[str, Tensor]) -> list[tuple[str, int, float]]:
-    """``(unit key, index, score)`` for every unit, for reports and rank correlations."""
-    return [(k, i, float(v)) for k, t in sorted(scores.items()) for i, v in enumerate(t.tolist())]

@@ -98,19 +98,6 @@ def all_reduce_mean_(t: Tensor) -> Tensor:
     return t
 
 
-def all_reduce_max_(t: Tensor) -> Tensor:
-    if is_distributed():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t
-
-
-def broadcast_(t: Tensor, src: int = 0) -> Tensor:
-    """Copy rank ``src``'s ``t`` to every rank in place."""
-    if is_distributed():
-        dist.broadcast(t, src=src)
-    return t
-
-
 def all_gather_objects(obj: Any) -> list[Any]:
     """Every rank's ``obj`` (picklable, exchanged between our own processes only) as a list by rank."""
     if not is_distributed():

@@ -48,6 +48,23 @@ def command_line(argv: list[str] | None = None, prog: str = "vitprune") -> str:
     return shlex.join([prog, *args])
 
 
+def git_commit(repo: str | os.PathLike) -> str:
+    """``<sha>`` of ``repo``'s HEAD, with ``+dirty`` when tracked files have uncommitted changes; ``unknown``
+    outside a git checkout."""
+    import subprocess
+
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo, capture_output=True, text=True
+        ).stdout.strip()
+        return sha + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
 def utc_now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
