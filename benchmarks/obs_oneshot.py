@@ -34,14 +34,8 @@ DENSE_TOP1_FULL_VAL = 69.46
 
 def obs_config(args: argparse.Namespace) -> OBSConfig:
     """The OBS settings of this script's arguments (``obs_recovery.py`` parses the same ones)."""
-    return OBSConfig(
-        block_size=args.block_size,
-        num_grads=args.num_grads,
-        damp=args.damp,
-        damp_relative=not args.damp_absolute,
-        criterion=args.criterion,
-        allocation=args.allocation,
-    )
+    names = ("block_size", "num_grads", "damp", "criterion", "allocation")
+    return OBSConfig(damp_relative=not args.damp_absolute, **{n: getattr(args, n) for n in names})
 
 
 def main(argv: list[str] | None = None) -> int:

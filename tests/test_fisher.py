@@ -139,7 +139,7 @@ def test_statistics_all_reduced_across_ranks(monkeypatch):
 
     torch.manual_seed(3)
     grads = torch.randn(12, 20, dtype=torch.float64)
-    monkeypatch.setattr(fisher_mod, "_dist", lambda: TwoRanks)
+    monkeypatch.setattr(fisher_mod, "D", TwoRanks)
     for mode in ("accumulate", "woodbury"):
         fs = FisherInverses.create({"w": 20}, 8, num_grads=24, damp=1e-2, mode=mode, dtype=torch.float64)
         fs.add({"w": grads[:6]})

@@ -327,7 +327,7 @@ def test_resume_after_interruption_matches_uninterrupted_run(micro_model, tmp_pa
         ({"target_macs": 0.5, "kinds": ("qk", "rows")}, "'rows' is not one of"),
         ({"target_macs": 0.5, "sparsity_steps": -1}, "--sparsity-steps"),
         ({"target_macs": 0.5, "lr": 0.0}, "--lr"),
-        ({"target_macs": 0.5, "round_to": 0}, "--round-to"),
+        ({"target_macs": 0.5, "round_to": -8}, "--round-to"),
         ({"target_macs": 0.5, "gate_lr": -1.0}, "--gate-lr"),
         ({"target_macs": 0.5, "bogus": 1}, "unknown vtp setting"),
     ],

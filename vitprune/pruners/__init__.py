@@ -13,17 +13,45 @@ import importlib
 from vitprune.errors import VitPruneError
 from vitprune.pruners.base import PruneData, Pruner, PruneResult
 
-# name -> "module:Class" (imported on first use, so listing the methods stays cheap)
-REGISTRY: dict[str, str] = {
-    "nvit": "vitprune.pruners.nvit:NViTPruner",
-    "vtp": "vitprune.pruners.vtp:VTPPruner",
-    "l2": "vitprune.pruners.magnitude:L2Pruner",
-    "taylor": "vitprune.pruners.magnitude:TaylorPruner",
-    "obs": "vitprune.pruners.obs:OBSPruner",
-    "gm": "vitprune.pruners.baselines:GlobalMagnitudePruner",
-    "um": "vitprune.pruners.baselines:UniformMagnitudePruner",
-    "wanda": "vitprune.pruners.baselines:WandaPruner",
-    "sparsegpt": "vitprune.pruners.baselines:SparseGPTPruner",
+# name -> ("module:Class", label in tables and plots, paper); the class is imported on first use
+REGISTRY: dict[str, tuple[str, str, str]] = {
+    "nvit": (
+        "vitprune.pruners.nvit:NViTPruner",
+        "NViT",
+        "Yang et al. 2023, Global Vision Transformer Pruning with Hessian-Aware Saliency (NViT)",
+    ),
+    "vtp": (
+        "vitprune.pruners.vtp:VTPPruner",
+        "VTP",
+        "Zhu, Tang & Han 2021, Vision Transformer Pruning (L1-regularised dimension gates)",
+    ),
+    "l2": (
+        "vitprune.pruners.magnitude:L2Pruner",
+        "L2 magnitude",
+        "Li et al. 2017, Pruning Filters for Efficient ConvNets (L2 norm of each group's weights)",
+    ),
+    "taylor": (
+        "vitprune.pruners.magnitude:TaylorPruner",
+        "Taylor",
+        "Molchanov et al. 2019, Importance Estimation for Neural Network Pruning (|g w| per group)",
+    ),
+    "obs": (
+        "vitprune.pruners.obs:OBSPruner",
+        "oViT/OBS",
+        "Kuznedelev et al. 2023, oViT / CAP: correlation-aware second-order (OBS) pruning of ViTs",
+    ),
+    "gm": (
+        "vitprune.pruners.baselines:GlobalMagnitudePruner",
+        "global magnitude",
+        "Han et al. 2015 (one |w| threshold)",
+    ),
+    "um": (
+        "vitprune.pruners.baselines:UniformMagnitudePruner",
+        "uniform magnitude",
+        "Zhu & Gupta 2017 (|w| per layer)",
+    ),
+    "wanda": ("vitprune.pruners.baselines:WandaPruner", "Wanda", "Sun et al. 2023, Wanda (eq. 1: |W| * ||X||)"),
+    "sparsegpt": ("vitprune.pruners.baselines:SparseGPTPruner", "SparseGPT", "Frantar & Alistarh 2023, Algorithm 1"),
 }
 
 
@@ -37,7 +65,7 @@ def available(kind: str | None = None) -> list[str]:
 def get(name: str) -> type[Pruner]:
     """The pruner class registered as ``name``."""
     try:
-        target = REGISTRY[name]
+        target = REGISTRY[name][0]
     except KeyError:
         raise VitPruneError(f"unknown pruning method {name!r} (available: {', '.join(REGISTRY)})") from None
     module, cls = target.split(":")

@@ -70,6 +70,25 @@ class PruneData:
             self.train = self.calib
 
 
+@dataclass
+class Run:
+    """What one ``prune`` call runs with: data, teacher, resumable work directory, device, evaluation."""
+
+    data: PruneData
+    teacher: nn.Module
+    workdir: Path | None = None
+    resume: bool = False
+    device: torch.device = torch.device("cpu")  # noqa: RUF009 - an immutable default
+    eval_fn: EvalFn | None = None
+
+    def sub(self, name: str) -> Path | None:
+        """``workdir/name`` (None without a work directory)."""
+        return self.workdir / name if self.workdir is not None else None
+
+    def eval(self, model: nn.Module) -> dict[str, Any] | None:
+        return run_eval(self.eval_fn, model)
+
+
 def as_data(data: Any) -> PruneData:
     return data if isinstance(data, PruneData) else PruneData(data)
 
@@ -167,8 +186,21 @@ class Pruner:
     label: ClassVar[str] = ""  # how tables and plots name it
     kind: ClassVar[str] = ""
     paper: ClassVar[str] = ""
-    summary: ClassVar[str] = ""  # one line for ``vitprune prune --help``
     Config: ClassVar[type[PrunerConfig]] = PrunerConfig
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """A registered method class takes its name, label and paper from its line in the registry."""
+        super().__init_subclass__(**kwargs)
+        from vitprune.pruners import REGISTRY
+
+        for name, (target, label, paper) in REGISTRY.items():
+            if target == f"{cls.__module__}:{cls.__qualname__}":
+                cls.name, cls.label, cls.paper = name, label, paper
+
+    @classmethod
+    def summary(cls) -> str:
+        """One line for ``vitprune prune --help``: the first line of the class docstring."""
+        return (cls.__doc__ or cls.name).strip().splitlines()[0]
 
     def __init__(self, config: PrunerConfig | None = None, /, **settings: Any) -> None:
         if config is not None and not isinstance(config, self.Config):
@@ -182,7 +214,7 @@ class Pruner:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config!r})"
 
-    def check(self, model: nn.Module) -> None:
+    def check(self, model: nn.Module, device: str | torch.device = "cpu") -> None:
         """Raise :class:`VitPruneError` unless ``model`` can be pruned with this config (before any work)."""
         if not isinstance(model, ViT):
             raise VitPruneError(f"{self.name} needs a vitprune ViT, got {type(model).__name__}")
@@ -206,20 +238,24 @@ class Pruner:
 
         ``teacher`` (distillation) defaults to the dense ``model``; ``workdir`` holds resumable state
         (``resume=True`` continues it); ``eval_fn(model) -> dict`` scores the dense and pruned models for the
-        report.
+        report. Every input is checked before any work; the caller's model keeps its weights, flags and mode.
         """
+        device = torch.device(device)
+        self.check(model, device)
+        restore = restore_flags(model)
+        teacher = teacher if teacher is not None else model
+        try:
+            return self.run(model, Run(as_data(data), teacher, workdir_path(workdir), resume, device, eval_fn))
+        finally:
+            restore()
+
+    def run(self, model: nn.Module, run: Run) -> PruneResult | list[PruneResult]:
+        """The method's work on a checked model (the structural / unstructured bases implement it)."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------------------------------- helpers
     def _finetune(
-        self,
-        model: nn.Module,
-        data: PruneData,
-        teacher: nn.Module | None,
-        workdir: Path | None,
-        resume: bool,
-        device: torch.device,
-        masks: dict[str, Tensor] | None = None,
+        self, model: nn.Module, run: Run, sub: str, masks: dict[str, Tensor] | None = None
     ) -> dict[str, Any] | None:
         """Distillation fine-tuning of the pruned model (unstructured masks held at zero); None when 0 steps."""
         cfg = self.config
@@ -230,11 +266,11 @@ class Pruner:
 
         trainer = Trainer(
             model,
-            cfg.finetune_config(resume),
-            data.train,
-            teacher=teacher,
-            out_dir=workdir,
-            device=device,
+            cfg.finetune_config(run.resume),
+            run.data.train,
+            teacher=run.teacher,
+            out_dir=run.sub(sub),
+            device=run.device,
             masks=WeightMasks(masks) if masks else None,
         )
         return {k: v for k, v in trainer.fit().items() if k != "config"}
@@ -286,6 +322,7 @@ __all__ = [
     "PruneResult",
     "Pruner",
     "PrunerConfig",
+    "Run",
     "as_data",
     "cycle",
     "jsonable",

@@ -22,12 +22,13 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from vitprune.errors import VitPruneError
+from vitprune.pruners.base import Run
 from vitprune.pruners.calibration import (
     DEFAULT_PATTERNS,
     InputStats,
@@ -38,7 +39,7 @@ from vitprune.pruners.calibration import (
     input_stats_hook,
     sequential_block_stats,
     sparsity_report,
-    split_batch,
+    take_batches,
 )
 from vitprune.pruners.settings import setting
 from vitprune.pruners.unstructured import UnstructuredConfig, UnstructuredPruner
@@ -172,14 +173,9 @@ def collect_input_stats(
     modules = dict(model.named_modules())
     stats = {n: InputStats() for n in names}
     handles = [modules[n].register_forward_hook(input_stats_hook(stats[n], True)) for n in names]
-    seen = 0
     try:
-        for batch in loader:
-            if seen >= num_samples:
-                break
-            images, _ = split_batch(batch)
-            model(images[: num_samples - seen].to(device))
-            seen += min(images.shape[0], num_samples - seen)
+        for images, _ in take_batches(loader, num_samples, device):
+            model(images)
     finally:
         for h in handles:
             h.remove()
@@ -274,39 +270,29 @@ class _Baseline(UnstructuredPruner):
     def calibration_images(self) -> int | None:
         return self.config.num_samples if self.needs_data else 0
 
-    def sparsify(self, model: nn.Module, calib: Iterable | None, device: Any) -> dict[float, SparsePruneResult]:
+    def sparsify(self, model: nn.Module, run: Run) -> dict[float, SparsePruneResult]:
         cfg = self.config
         return prune_baseline(
-            model, self.name, cfg.targets, calib if self.needs_data else None, cfg.patterns, cfg.nm_pair,
-            cfg.num_samples, cfg.blocksize, cfg.damp, device,
+            model, self.name, cfg.targets, run.data.calib if self.needs_data else None, cfg.patterns, cfg.nm_pair,
+            cfg.num_samples, cfg.blocksize, cfg.damp, run.device,
         )  # fmt: skip
 
 
 class GlobalMagnitudePruner(_Baseline):
-    name = "gm"
-    label = "global magnitude"
-    paper = "global magnitude: one |w| threshold over all prunable weights (Han et al. 2015)"
-    summary = "unstructured baseline: one global |w| threshold"
+    """Unstructured baseline: one global |w| threshold."""
 
 
 class UniformMagnitudePruner(_Baseline):
-    name = "um"
-    label = "uniform magnitude"
-    paper = "uniform magnitude: the same |w| sparsity in every layer (Zhu & Gupta 2017)"
-    summary = "unstructured baseline: |w| with the same sparsity in every layer"
+    """Unstructured baseline: |w| with the same sparsity in every layer."""
 
 
 class WandaPruner(_Baseline):
-    name = "wanda"
-    label = "Wanda"
-    paper = "Sun et al. 2023, A Simple and Effective Pruning Approach for LLMs (Wanda, eq. 1)"
-    summary = "unstructured baseline: Wanda |W| * ||X||, per output row"
+    """Unstructured baseline: Wanda, |W| * ||X|| per output row."""
+
     needs_data = True
 
 
 class SparseGPTPruner(_Baseline):
-    name = "sparsegpt"
-    label = "SparseGPT"
-    paper = "Frantar & Alistarh 2023, SparseGPT (Algorithm 1)"
-    summary = "unstructured baseline: SparseGPT layer-wise OBS reconstruction"
+    """Unstructured baseline: SparseGPT, layer-wise OBS reconstruction."""
+
     needs_data = True

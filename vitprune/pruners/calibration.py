@@ -51,6 +51,20 @@ def split_batch(batch: Any) -> tuple[Tensor, Tensor | None]:
     raise VitPruneError(f"unsupported batch type from the data loader: {type(batch).__name__}")
 
 
+def take_batches(
+    loader: Iterable, num_images: int, device: str | torch.device = "cpu"
+) -> Iterator[tuple[Tensor, Tensor | None]]:
+    """``(images, labels)`` batches of ``loader`` on ``device`` until ``num_images`` images (the last batch cut)."""
+    seen = 0
+    for batch in loader:
+        if seen >= num_images:
+            return
+        images, labels = split_batch(batch)
+        k = min(images.shape[0], num_images - seen)
+        seen += k
+        yield images[:k].to(device), labels[:k].to(device) if labels is not None else None
+
+
 def _default_loss(logits: Tensor, labels: Tensor | None, reduction: str) -> Tensor:
     if labels is None:
         raise VitPruneError("gradient calibration needs labelled data (the loader yields no labels)")
@@ -179,15 +193,10 @@ def capture_block_inputs(
     handle = model.blocks[0].register_forward_pre_hook(pre_hook)
     was_training = model.training
     model.eval()
-    count = 0
     try:
-        for batch in loader:
-            if count >= num_samples:
-                break
-            images, _ = split_batch(batch)
+        for images, _ in take_batches(loader, num_samples, device):
             with contextlib.suppress(_Stop):
-                model(images.to(device))
-            count += images.shape[0]
+                model(images)
     finally:
         handle.remove()
         model.train(was_training)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from vitprune.errors import VitPruneError
-from vitprune.pruners.base import EvalFn, Pruner, PruneResult
+from vitprune.pruners.base import Pruner, PruneResult
 
 
 class Pipeline:
@@ -42,23 +42,16 @@ class Pipeline:
         counts = [n for n in (s.calibration_images() for s in self.stages) if n is not None]
         return max(counts) if counts else None
 
-    def prune(
-        self,
-        model: nn.Module,
-        data: Any,
-        teacher: nn.Module | None = None,
-        *,
-        workdir: str | Path | None = None,
-        resume: bool = False,
-        device: str | torch.device = "cpu",
-        eval_fn: EvalFn | None = None,
-    ) -> PruneResult | list[PruneResult]:
+    def prune(self, model: nn.Module, data: Any, teacher: nn.Module | None = None, **run: Any) -> Any:
+        """Every stage in turn (``run``: the keywords of :meth:`Pruner.prune`; ``workdir`` gets one sub-folder
+        per stage); returns the last stage's result(s) with the earlier reports in ``report["stages"]``."""
         teacher = teacher if teacher is not None else model
         current, reports = model, []
         result: PruneResult | list[PruneResult] | None = None
+        workdir = run.pop("workdir", None)
         for i, stage in enumerate(self.stages):
             sub = Path(workdir) / "stages" / f"{i + 1}-{stage.name}" if workdir is not None else None
-            result = stage.prune(current, data, teacher, workdir=sub, resume=resume, device=device, eval_fn=eval_fn)
+            result = stage.prune(current, data, teacher, workdir=sub, **run)
             last = i == len(self.stages) - 1
             if isinstance(result, list):
                 if len(result) != 1 and not last:

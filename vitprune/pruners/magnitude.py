@@ -15,10 +15,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from vitprune.models.vit import ViT
+from vitprune.pruners.base import Run
 from vitprune.pruners.settings import setting
 from vitprune.pruners.structural import StructuralConfig, StructuralPruner
 from vitprune.scoring.magnitude import l2_group_scores, taylor_group_scores
@@ -35,17 +35,11 @@ class L2Config(StructuralConfig):
 
 
 class L2Pruner(StructuralPruner):
-    """Structural L2-magnitude baseline."""
+    """Structural baseline: the L2 norm of each group's weights."""
 
-    name = "l2"
-    label = "L2 magnitude"
-    paper = "Li et al. 2017, Pruning Filters for Efficient ConvNets (L2 norm of each group's weights)"
-    summary = "structural baseline: L2 norm of each group's weights"
     Config: ClassVar[type[L2Config]] = L2Config
 
-    def scores(
-        self, student: ViT, batches: Iterator, teacher: nn.Module, round_index: int, device: torch.device
-    ) -> dict[str, Tensor]:
+    def scores(self, student: ViT, batches: Iterator, step: int, run: Run) -> dict[str, Tensor]:
         return l2_group_scores(student, self.config.kinds)
 
 
@@ -58,18 +52,12 @@ class TaylorConfig(StructuralConfig):
 
 
 class TaylorPruner(StructuralPruner):
-    """Structural first-order Taylor baseline (``|g * w|`` per group)."""
+    """Structural baseline: the first-order Taylor importance |g w| of each group."""
 
-    name = "taylor"
-    label = "Taylor"
-    paper = "Molchanov et al. 2019, Importance Estimation for Neural Network Pruning (|g w| per group)"
-    summary = "structural baseline: first-order Taylor |g w| of each group"
     Config: ClassVar[type[TaylorConfig]] = TaylorConfig
 
-    def scores(
-        self, student: ViT, batches: Iterator, teacher: nn.Module, round_index: int, device: torch.device
-    ) -> dict[str, Tensor]:
-        return taylor_group_scores(student, batches, self.config.batches_per_step, self.config.kinds, device)
+    def scores(self, student: ViT, batches: Iterator, step: int, run: Run) -> dict[str, Tensor]:
+        return taylor_group_scores(student, batches, self.config.batches_per_step, self.config.kinds, run.device)
 
 
 __all__ = ["L2Config", "L2Pruner", "TaylorConfig", "TaylorPruner"]

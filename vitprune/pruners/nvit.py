@@ -28,10 +28,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from vitprune.models.vit import ViT
+from vitprune.pruners.base import Run
 from vitprune.pruners.settings import setting
 from vitprune.pruners.structural import StructuralConfig, StructuralPruner
 from vitprune.scoring.hessian import MODES, HessianSaliency, compute_saliency
@@ -52,27 +52,22 @@ class NViTConfig(StructuralConfig):
 
 
 class NViTPruner(StructuralPruner):
-    """NViT: Hessian-aware saliency ``I(S)`` of every unit, re-scored before each removal round."""
+    """NViT: global structural pruning by Hessian-aware saliency, re-scored before each round (latency-aware
+    with a LUT)."""
 
-    name = "nvit"
-    label = "NViT"
-    paper = "Yang et al. 2023, Global Vision Transformer Pruning with Hessian-Aware Saliency (NViT)"
-    summary = "NViT: global structural pruning with Hessian-aware saliency (optionally latency-aware)"
     Config: ClassVar[type[NViTConfig]] = NViTConfig
 
-    def scores(
-        self, student: ViT, batches: Iterator, teacher: nn.Module, round_index: int, device: torch.device
-    ) -> dict[str, Tensor]:
+    def scores(self, student: ViT, batches: Iterator, step: int, run: Run) -> dict[str, Tensor]:
         cfg = self.config
         return compute_saliency(
             student,
             batches,
             cfg.batches_per_step,
             cfg.saliency_mode,
-            teacher=teacher,
-            device=device,
+            teacher=run.teacher,
+            device=run.device,
             accumulator=HessianSaliency(student),
-            seed=cfg.seed + round_index,
+            seed=cfg.seed + step,
             progress=False,
         )
 

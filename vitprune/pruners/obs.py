@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
 import resource
 import sys
 import time
@@ -40,7 +39,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from vitprune.errors import VitPruneError
-from vitprune.pruners.base import PruneResult, as_data, run_eval
+from vitprune.pruners.base import PruneResult, Run, jsonable
 from vitprune.pruners.calibration import (
     LossFn,
     SparsePruneResult,
@@ -49,7 +48,7 @@ from vitprune.pruners.calibration import (
     iter_gradients,
     sparsity_report,
 )
-from vitprune.pruners.settings import setting, validate_settings
+from vitprune.pruners.settings import SPARSITIES, setting, validate_settings
 from vitprune.pruners.unstructured import UnstructuredConfig, UnstructuredPruner
 from vitprune.scoring.fisher import FISHER_MODES, BlockLayout, FisherInverses
 from vitprune.scoring.obs import allocate_counts, greedy_obs, prefix_mask, replay_prefix
@@ -90,9 +89,8 @@ class OBSConfig(UnstructuredConfig):
     greedy_dtype: str = setting("float32", choices=("float32", "float64"), help="precision of the greedy OBS pass")
     chunk_blocks: int = setting(128, low=1, help="Fisher blocks processed at once")
     schedule: tuple[float, ...] = setting(
-        (), kind="floats", nargs="+", low=0.0, high=1.0, low_open=True, high_open=True, nullable=True,
-        help="gradual pruning: increasing sparsities, e.g. 0.5 0.6 0.75 0.9",
-    )  # fmt: skip
+        (), help="gradual pruning: increasing sparsities, e.g. 0.5 0.6 0.75 0.9", **(SPARSITIES | {"low_open": True})
+    )
     steps_per_level: int = setting(500, low=1, help="gradual: masked recovery steps after each level")
     eval_every: int = setting(0, low=0, help="gradual: score the val set every N steps to keep the best")
     device: str = setting("cpu", cli=False, help="device of the Fisher and OBS computations")
@@ -433,7 +431,7 @@ class OBSSolver:
                 "target": target,
                 "obs": obs_report,
                 "level_s": time.perf_counter() - t0,
-                "train": _jsonable(fit),
+                "train": jsonable(fit),
                 "best_score": keeper.best_score,
                 "best_step": keeper.best_step,
                 "scores": keeper.history,
@@ -441,8 +439,8 @@ class OBSSolver:
             _save_state(level_dir / "best", best, masks, report)
             self.model = best
             levels.append(report)
-        summary = {"schedule": schedule, "levels": levels, "config": _jsonable(asdict(self.config))}
-        atomic_write_text(out / "gradual_report.json", json.dumps(_jsonable(summary), indent=2) + "\n", overwrite=True)
+        summary = {"schedule": schedule, "levels": levels, "config": jsonable(asdict(self.config))}
+        atomic_write_text(out / "gradual_report.json", json.dumps(jsonable(summary), indent=2) + "\n", overwrite=True)
         return {"model": self.model, "masks": masks, "report": summary}
 
 
@@ -495,7 +493,7 @@ def _save_state(
         save(clone_model(model).cpu(), tmp / "model")
         if masks is not None:
             save_file({k: v.to(torch.uint8).contiguous() for k, v in masks.items()}, str(tmp / "masks.safetensors"))
-        (tmp / "report.json").write_text(json.dumps(_jsonable(report), indent=2) + "\n")
+        (tmp / "report.json").write_text(json.dumps(jsonable(report), indent=2) + "\n")
 
 
 def _load_state(directory: Path) -> tuple[nn.Module, dict[str, Tensor]]:
@@ -513,27 +511,9 @@ def _available_grads(loader: Iterable, grad_mode: str) -> int | None:
         return None
 
 
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, Tensor):
-        return obj.item() if obj.numel() == 1 else obj.tolist()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return str(obj)
-    if isinstance(obj, (str, int, float, bool)) or obj is None:
-        return obj
-    return str(obj)
-
-
 class OBSPruner(UnstructuredPruner):
-    """oViT / CAP in the one pruning interface: a one-pass sweep (or N:M, or gradual with ``schedule``)."""
+    """oViT/OBS: second-order unstructured pruning (block Fisher inverse, global threshold, sweep, N:M, gradual)."""
 
-    name = "obs"
-    label = "oViT/OBS"
-    paper = "Kuznedelev et al. 2023, oViT / CAP: correlation-aware second-order (OBS) pruning of ViTs"
-    summary = "oViT/OBS: second-order unstructured pruning (block Fisher inverse, global threshold, N:M, gradual)"
     Config: ClassVar[type[OBSConfig]] = OBSConfig
 
     def calibration_images(self) -> int | None:
@@ -544,42 +524,40 @@ class OBSPruner(UnstructuredPruner):
 
     loss_fn: LossFn | None = None
 
-    def sparsify(self, model: nn.Module, calib: Iterable | None, device: torch.device) -> dict[float, Any]:
-        if calib is None:
+    def sparsify(self, model: nn.Module, run: Run) -> dict[float, Any]:
+        if run.data.calib is None:
             raise VitPruneError("obs needs calibration data")
-        return self.solver(model, device).prune(calib, self.config.targets)
+        return self.solver(model, run.device).prune(run.data.calib, self.config.targets)
 
-    def prune(self, model, data, teacher=None, *, workdir=None, resume=False, device="cpu", eval_fn=None):
+    def run(self, model: nn.Module, run: Run) -> list[PruneResult]:
+        """One-shot sweep (the base), or gradual pruning over ``schedule`` with masked recovery per level."""
         cfg = self.config
         if not cfg.schedule:
-            return super().prune(model, data, teacher, workdir=workdir, resume=resume, device=device, eval_fn=eval_fn)
-        if workdir is None:
+            return super().run(model, run)
+        if run.workdir is None:
             raise VitPruneError("gradual OBS (--schedule) needs a run directory (--out) to resume from")
-        self.check(model, device)
-        data = as_data(data)
         t0 = time.perf_counter()
         train_cfg = cfg.trainer_config(cfg.steps_per_level, cfg.finetune_lr, cfg.ckpt_every)
-        top1 = (lambda m: float(eval_fn(m)["top1"])) if eval_fn is not None else None
-        out = self.solver(model, device).gradual(
-            data.calib,
-            data.train,
+        top1 = (lambda m: float(run.eval_fn(m)["top1"])) if run.eval_fn is not None else None
+        out = self.solver(model, run.device).gradual(
+            run.data.calib,
+            run.data.train,
             cfg.schedule,
             train_cfg,
-            Path(workdir) / "gradual",
-            teacher=teacher if teacher is not None else model,
+            run.workdir / "gradual",
+            teacher=run.teacher,
             eval_fn=top1,
             eval_every=cfg.eval_every,
-            device=str(device),
+            device=str(run.device),
         )
         final = out["model"].eval()
-        report = {"method": self.name, "type": self.kind, "paper": self.paper, "settings": cfg.to_dict()}
-        report |= {"schedule": list(cfg.schedule), "levels": out["report"]["levels"]}
+        report = self.header() | {"schedule": list(cfg.schedule), "levels": out["report"]["levels"]}
         report |= sparsity_report(out["masks"])
-        if eval_fn is not None:
-            report["dense_eval"] = run_eval(eval_fn, model)
-            report["eval"] = run_eval(eval_fn, final)
+        if run.eval_fn is not None:
+            report["dense_eval"] = run.eval(model)
+            report["eval"] = run.eval(final)
         report["time_s"] = round(time.perf_counter() - t0, 2)
-        return [PruneResult(final, out["masks"], _jsonable(report), cfg.schedule[-1])]
+        return [PruneResult(final, out["masks"], jsonable(report), cfg.schedule[-1])]
 
 
 __all__ = ["OBSConfig", "OBSPruner", "OBSSolver", "marginal_costs", "peak_rss_bytes"]

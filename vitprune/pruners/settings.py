@@ -100,6 +100,13 @@ def setting(
     return dataclasses.field(default=default, metadata=meta)
 
 
+# spec fragments shared by many settings: ``setting(None, help=..., **FRACTION)``
+FRACTION = {"kind": "float", "low": 0.0, "high": 1.0, "low_open": True, "nullable": True}  # in (0, 1] or None
+OPTIONAL_STR = {"kind": "str", "nullable": True}
+OPTIONAL_COUNT = {"kind": "int", "low": 1, "nullable": True}  # a positive integer or None
+SPARSITIES = {"kind": "floats", "nargs": "+", "low": 0.0, "high": 1.0, "high_open": True, "nullable": True}
+
+
 def specs_of(cls_or_obj: Any) -> dict[str, Spec]:
     """``{field name: Spec}`` of the fields declared with :func:`setting`, in declaration order."""
     return {f.name: f.metadata["spec"] for f in dataclasses.fields(cls_or_obj) if "spec" in f.metadata}

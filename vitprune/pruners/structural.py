@@ -22,20 +22,8 @@ from torch import Tensor, nn
 from vitprune.errors import VitPruneError
 from vitprune.metrics.cost import CostModel
 from vitprune.models.vit import ViT
-from vitprune.pruners.base import (
-    STATE_NAME,
-    EvalFn,
-    PruneData,
-    Pruner,
-    PrunerConfig,
-    PruneResult,
-    as_data,
-    cycle,
-    restore_flags,
-    run_eval,
-    workdir_path,
-)
-from vitprune.pruners.settings import setting
+from vitprune.pruners.base import STATE_NAME, Pruner, PrunerConfig, PruneResult, Run, cycle
+from vitprune.pruners.settings import FRACTION, OPTIONAL_COUNT, OPTIONAL_STR, setting
 from vitprune.training.engine import TrainConfig
 
 TARGET_HELP = "keep this fraction of the dense {}, in (0, 1]"
@@ -45,32 +33,16 @@ TARGET_HELP = "keep this fraction of the dense {}, in (0, 1]"
 class StructuralConfig(PrunerConfig):
     """Targets, selection and training settings every structural method shares."""
 
-    target_macs: float | None = setting(
-        None, kind="float", low=0, high=1, low_open=True, nullable=True, group="target", help=TARGET_HELP.format("MACs")
-    )
-    target_params: float | None = setting(
-        None,
-        kind="float",
-        low=0,
-        high=1,
-        low_open=True,
-        nullable=True,
-        group="target",
-        help=TARGET_HELP.format("params"),
-    )
+    target_macs: float | None = setting(None, group="target", help=TARGET_HELP.format("MACs"), **FRACTION)
+    target_params: float | None = setting(None, group="target", help=TARGET_HELP.format("params"), **FRACTION)
     target_latency: float | None = setting(
-        None, kind="float", low=0, high=1, low_open=True, nullable=True, group="target",
-        help=TARGET_HELP.format("latency predicted by --lut"),
-    )  # fmt: skip
-    lut: str | None = setting(
-        None, kind="str", nullable=True, metavar="FILE", help="latency table (vitprune lut build)"
+        None, group="target", help=TARGET_HELP.format("latency predicted by --lut"), **FRACTION
     )
-    lut_device: str | None = setting(
-        None, kind="str", nullable=True, help="device the table must match (default: --device)"
-    )
-    lut_batch: int | None = setting(None, kind="int", low=1, nullable=True, help="batch size the table must match")
-    lut_dtype: str | None = setting(None, kind="str", nullable=True, help="dtype the table must match")
-    lut_threads: int | None = setting(None, kind="int", low=1, nullable=True, help="CPU threads the table must match")
+    lut: str | None = setting(None, metavar="FILE", help="latency table (vitprune lut build)", **OPTIONAL_STR)
+    lut_device: str | None = setting(None, help="device the table must match (default: --device)", **OPTIONAL_STR)
+    lut_batch: int | None = setting(None, help="batch size the table must match", **OPTIONAL_COUNT)
+    lut_dtype: str | None = setting(None, help="dtype the table must match", **OPTIONAL_STR)
+    lut_threads: int | None = setting(None, help="CPU threads the table must match", **OPTIONAL_COUNT)
     force_lut: bool = setting(False, help="use a table built for another setting (warn only)")
     kinds: tuple[str, ...] = setting(
         ("heads", "qk", "v", "mlp", "emb", "block"), kind="strs",
@@ -148,19 +120,16 @@ class StructuralPruner(Pruner):
         return {"prune_steps": rounds, "train_steps_between": between}
 
     # ------------------------------------------------------------------------------------------- method hooks
-    def scores(
-        self, student: ViT, batches: Iterator, teacher: nn.Module, round_index: int, device: torch.device
-    ) -> dict[str, Tensor]:
-        """Per-unit scores keyed by :func:`~vitprune.structures.groups.unit_key` (low = removed first)."""
+    def scores(self, student: ViT, batches: Iterator, step: int, run: Run) -> dict[str, Tensor]:
+        """Per-unit scores of the masked ``student`` before round ``step``, keyed by
+        :func:`~vitprune.structures.groups.unit_key` (low = removed first); ``batches`` cycles the calibration data."""
         raise NotImplementedError
 
-    def prepare(
-        self, student: ViT, data: PruneData, teacher: nn.Module, workdir: Path | None, resume: bool, device
-    ) -> dict[str, Any]:
+    def prepare(self, student: ViT, run: Run) -> dict[str, Any]:
         """Work on the full model before the rounds (VTP: gates + L1 training); returns report entries."""
         return {}
 
-    def before_surgery(self, student: ViT, masks: Any, data: PruneData, device: torch.device) -> Any:
+    def before_surgery(self, student: ViT, masks: Any, run: Run) -> Any:
         """Make the masked ``student`` fold exactly into the smaller model (VTP: zero gates, fold emb gate)."""
         return None
 
@@ -256,27 +225,7 @@ class StructuralPruner(Pruner):
         return [state["selection"]]
 
     # ------------------------------------------------------------------------------------------- pipeline
-    def prune(
-        self,
-        model: nn.Module,
-        data: Any,
-        teacher: nn.Module | None = None,
-        *,
-        workdir: str | Path | None = None,
-        resume: bool = False,
-        device: str | torch.device = "cpu",
-        eval_fn: EvalFn | None = None,
-    ) -> PruneResult:
-        device = torch.device(device)
-        self.check(model, device)
-        restore = restore_flags(model)
-        try:
-            return self._prune(model, as_data(data), teacher if teacher is not None else model, workdir, resume,
-                               device, eval_fn)  # fmt: skip
-        finally:
-            restore()
-
-    def _prune(self, model, data, teacher, workdir, resume, device, eval_fn) -> PruneResult:
+    def run(self, model: nn.Module, run: Run) -> PruneResult:
         from vitprune.reports import arch_summary
         from vitprune.structures.masks import StructuralMasks, apply_masks
         from vitprune.structures.surgery import prune_model, resolve_masks
@@ -285,13 +234,12 @@ class StructuralPruner(Pruner):
 
         cfg = self.config
         t0 = time.perf_counter()
-        work = workdir_path(workdir)
         main = D.is_main_process()
-        state_path = work / STATE_NAME if work is not None else None
-        if work is not None and not resume and main and state_path.exists():
+        state_path = run.sub(STATE_NAME)
+        if state_path is not None and not run.resume and main and state_path.exists():
             state_path.unlink()
         dense = copy.deepcopy(model.config)
-        lut = self._lut(model, device)
+        lut = self._lut(model, run.device)
         cost = self.cost_model(dense, lut)
         latency = CostModel(dense, "latency", lut, cfg.img_size) if lut is not None else None
         latency_aware = (
@@ -311,22 +259,24 @@ class StructuralPruner(Pruner):
         if lut is not None:
             report["dense"]["latency_pred_ms"] = lut.predict(dense)
             report["lut"] = {k: lut.meta.get(k) for k in ("device_name", "dtype", "batch_size", "threads", "runtime")}
-        if eval_fn is not None:
-            report["dense"]["eval"] = run_eval(eval_fn, model)
+        if run.eval_fn is not None:
+            report["dense"]["eval"] = run.eval(model)
 
-        student = copy.deepcopy(model).to(device).requires_grad_(True)  # a frozen input model still gets scored
-        teacher = teacher.to(device).eval()
-        report |= self.prepare(student, data, teacher, work, resume, device)
+        student = copy.deepcopy(model).to(run.device).requires_grad_(True)  # a frozen input model still gets scored
+        run.teacher.to(run.device).eval()
+        report |= self.prepare(student, run)
         masks = StructuralMasks.all_kept(dense)
         history: list[dict[str, Any]] = []
         state: dict[str, Any] = {"eta": cfg.eta if latency_aware else None}
         scores: dict[str, Tensor] | None = None
         start = 0
         settings_json = json.dumps(cfg.to_dict(), sort_keys=True)
-        if resume and state_path is not None and state_path.is_file():
+        if run.resume and state_path is not None and state_path.is_file():
             saved = load_checkpoint(state_path)
             if saved["settings"] != settings_json or saved["dense_config"] != dense.to_json():
-                raise VitPruneError(f"cannot resume {work}: the model or the {self.name} settings differ from the run")
+                raise VitPruneError(
+                    f"cannot resume {run.workdir}: the model or the {self.name} settings differ from the run"
+                )
             masks = StructuralMasks.from_json(saved["masks"])
             apply_masks(student, masks)
             student.load_state_dict(saved["model"])
@@ -334,7 +284,7 @@ class StructuralPruner(Pruner):
             state = json.loads(saved["state"])
         apply_masks(student, masks)
 
-        batches = cycle(data.calib)
+        batches = cycle(run.data.calib)
         from tqdm.auto import tqdm
 
         bar = tqdm(total=cfg.prune_steps, initial=start, desc=self.name, disable=not (cfg.progress and main))
@@ -342,7 +292,7 @@ class StructuralPruner(Pruner):
             for step in range(start, cfg.prune_steps):
                 frac = 1.0 - (1.0 - cfg.target) * (step + 1) / cfg.prune_steps
                 t_step = time.perf_counter()
-                scores = self.scores(student, batches, teacher, step, device)
+                scores = self.scores(student, batches, step, run)
                 removed = self._select(dense, masks, scores, cost, latency if latency_aware else None, frac, state)
                 apply_masks(student, masks)
                 record = self._record(step, frac, masks, removed, dense, cost, lut)
@@ -350,7 +300,8 @@ class StructuralPruner(Pruner):
                 if cfg.train_steps_between > 0 and step < cfg.prune_steps - 1:
                     from vitprune.training.engine import Trainer
 
-                    trainer = Trainer(student, cfg.between_config(), data.train, teacher=teacher, device=device)
+                    data, teacher = run.data.train, run.teacher
+                    trainer = Trainer(student, cfg.between_config(), data, teacher=teacher, device=run.device)
                     record["train_loss"] = trainer.fit().get("final_loss")
                     apply_masks(student, masks)
                 history.append(record)
@@ -378,18 +329,18 @@ class StructuralPruner(Pruner):
             if state.get(key) is not None:
                 report[key] = state[key]
         report["selected"] = masks.counts()
-        if eval_fn is not None:
-            report["masked_eval"] = run_eval(eval_fn, student)
+        if run.eval_fn is not None:
+            report["masked_eval"] = run.eval(student)
 
-        fold_state = self.before_surgery(student, masks, data, device)
+        fold_state = self.before_surgery(student, masks, run)
         final, rounding = resolve_masks(student, masks, cfg.round_to, scores)
         apply_masks(student, final)  # units brought back by rounding are gated on again
-        small = prune_model(student, final).to(device)
+        small = prune_model(student, final).to(run.device)
         report["rounding"] = rounding
         report |= self.after_surgery(small, fold_state)
-        if eval_fn is not None:
-            report["pruned_before_finetune_eval"] = run_eval(eval_fn, small)
-        ft = self._finetune(small, data, teacher, work / "finetune" if work else None, resume, device)
+        if run.eval_fn is not None:
+            report["pruned_before_finetune_eval"] = run.eval(small)
+        ft = self._finetune(small, run, "finetune")
         if ft is not None:
             report["finetune"] = ft
         small.eval()
@@ -404,8 +355,8 @@ class StructuralPruner(Pruner):
                 report["pruned"]["latency_pred_ms"] / report["dense"]["latency_pred_ms"]
             )
         report["pruned"]["kept_blocks"] = [b for b, bm in enumerate(final.blocks) if bm.keep]
-        if eval_fn is not None:
-            report["pruned"]["eval"] = run_eval(eval_fn, small)
+        if run.eval_fn is not None:
+            report["pruned"]["eval"] = run.eval(small)
         report["time_s"] = round(time.perf_counter() - t0, 2)
         return PruneResult(small, final, report)
 

@@ -3,44 +3,23 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from vitprune.errors import VitPruneError
-from vitprune.pruners.base import (
-    EvalFn,
-    Pruner,
-    PrunerConfig,
-    PruneResult,
-    as_data,
-    jsonable,
-    restore_flags,
-    run_eval,
-    workdir_path,
-)
+from vitprune.pruners.base import Pruner, PrunerConfig, PruneResult, Run, jsonable
 from vitprune.pruners.calibration import DEFAULT_PATTERNS
-from vitprune.pruners.settings import setting
+from vitprune.pruners.settings import SPARSITIES, setting
 
 
 @dataclass
 class UnstructuredConfig(PrunerConfig):
     """Sparsity targets (a sweep) and N:M, shared by every unstructured method."""
 
-    sparsity: tuple[float, ...] = setting(
-        (),
-        kind="floats",
-        nargs="+",
-        low=0.0,
-        high=1.0,
-        high_open=True,
-        nullable=True,
-        help="target sparsities, e.g. 0.5 0.6 0.7",
-    )
+    sparsity: tuple[float, ...] = setting((), help="target sparsities, e.g. 0.5 0.6 0.7", **SPARSITIES)
     nm: str | None = setting(None, kind="str", nullable=True, metavar="N:M", help="keep N of every M inputs (2:4)")
     patterns: tuple[str, ...] = setting(
         DEFAULT_PATTERNS, kind="strs", help="prunable linears (fnmatch patterns of module names)"
@@ -73,8 +52,9 @@ class UnstructuredPruner(Pruner):
     kind = "unstructured"
     Config: ClassVar[type[UnstructuredConfig]] = UnstructuredConfig
 
-    def sparsify(self, model: nn.Module, calib: Iterable | None, device: torch.device) -> dict[float, Any]:
-        """``{target: SparsePruneResult}`` for every target of the config (pruned copies; ``model`` unchanged)."""
+    def sparsify(self, model: nn.Module, run: Run) -> dict[float, Any]:
+        """``{target: SparsePruneResult}`` for every target of the config (pruned copies; ``model`` unchanged),
+        calibrated on ``run.data.calib``."""
         raise NotImplementedError
 
     def check(self, model: nn.Module, device: str | torch.device = "cpu") -> None:
@@ -93,45 +73,27 @@ class UnstructuredPruner(Pruner):
                         f"N:M {nm[0]}:{nm[1]} needs input widths divisible by {nm[1]}; {name} has {lin.in_features}"
                     )
 
-    def prune(
-        self,
-        model: nn.Module,
-        data: Any,
-        teacher: nn.Module | None = None,
-        *,
-        workdir: str | Path | None = None,
-        resume: bool = False,
-        device: str | torch.device = "cpu",
-        eval_fn: EvalFn | None = None,
-    ) -> list[PruneResult]:
-        device = torch.device(device)
-        self.check(model, device)
-        restore = restore_flags(model)
-        try:
-            return self._prune(model, as_data(data), teacher, workdir_path(workdir), resume, device, eval_fn)
-        finally:
-            restore()
+    def header(self) -> dict[str, Any]:
+        """The report entries every result of this method starts with."""
+        return {"method": self.name, "label": self.label, "type": self.kind, "paper": self.paper,
+                "settings": self.config.to_dict()}  # fmt: skip
 
-    def _prune(self, model, data, teacher, work, resume, device, eval_fn) -> list[PruneResult]:
+    def run(self, model: nn.Module, run: Run) -> list[PruneResult]:
         t0 = time.perf_counter()
-        dense_eval = run_eval(eval_fn, model)
-        results = self.sparsify(model, data.calib, device)
+        dense_eval = run.eval(model)
+        results = self.sparsify(model, run)
         out = []
-        teacher = teacher if teacher is not None else model
         for target, res in results.items():
-            report = {"method": self.name, "label": self.label, "type": self.kind, "paper": self.paper}
-            report["settings"] = self.config.to_dict()
-            report |= dict(res.report)
+            report = self.header() | dict(res.report)
             if dense_eval is not None:
                 report["dense_eval"] = dense_eval
-                report["eval"] = run_eval(eval_fn, res.model)
-            sub = work / f"finetune-s{target:.2f}" if work is not None else None
-            ft = self._finetune(res.model, data, teacher, sub, resume, device, masks=res.masks)
+                report["eval"] = run.eval(res.model)
+            ft = self._finetune(res.model, run, f"finetune-s{target:.2f}", masks=res.masks)
             if ft is not None:
                 report["finetune"] = ft
                 report["before_finetune_eval"] = report.pop("eval", None)
-                if eval_fn is not None:
-                    report["eval"] = run_eval(eval_fn, res.model)
+                if run.eval_fn is not None:
+                    report["eval"] = run.eval(res.model)
             res.model.eval()
             report["time_s"] = round(time.perf_counter() - t0, 2)
             out.append(PruneResult(res.model, res.masks, jsonable(report), target))

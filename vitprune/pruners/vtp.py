@@ -40,7 +40,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -50,7 +49,7 @@ from torch.nn.utils import parametrize
 from vitprune.errors import VitPruneError
 from vitprune.models.io import attach_gate
 from vitprune.models.vit import GATE_NAMES, KIND_GATES, ViT
-from vitprune.pruners.base import PruneData
+from vitprune.pruners.base import Run
 from vitprune.pruners.settings import setting
 from vitprune.pruners.structural import StructuralConfig, StructuralPruner
 from vitprune.structures.groups import unit_count, unit_key
@@ -292,16 +291,14 @@ class VTPConfig(StructuralConfig):
 
 
 class VTPPruner(StructuralPruner):
-    """VTP: gates -> L1 sparsity training (:meth:`prepare`) -> scores = ``|a|`` -> one global threshold ->
+    """VTP: learned dimension gates with L1 sparsity, one global threshold, fine-tuning.
+
+    Gates -> L1 sparsity training (:meth:`prepare`) -> scores = ``|a|`` -> one global threshold ->
     gates folded into the weights (:meth:`before_surgery`) -> surgery -> fine-tuning.
 
     With a ``workdir`` the gate training is a resumable Trainer run in ``workdir/sparsity``.
     """
 
-    name = "vtp"
-    label = "VTP"
-    paper = "Zhu, Tang & Han 2021, Vision Transformer Pruning (L1-regularised dimension gates)"
-    summary = "VTP: learned dimension gates with L1 sparsity, one global threshold, fine-tuning"
     Config: ClassVar[type[VTPConfig]] = VTPConfig
 
     @classmethod
@@ -309,9 +306,7 @@ class VTPPruner(StructuralPruner):
         """VTP spends its training budget on the gates (L1 sparsity training), then selects once."""
         return {"prune_steps": 1, "train_steps_between": 0, "sparsity_steps": steps}
 
-    def prepare(
-        self, student: ViT, data: PruneData, teacher: nn.Module, workdir: Path | None, resume: bool, device
-    ) -> dict[str, Any]:
+    def prepare(self, student: ViT, run: Run) -> dict[str, Any]:
         from vitprune.training.engine import Trainer
 
         cfg = self.config
@@ -325,11 +320,11 @@ class VTPPruner(StructuralPruner):
         lam = float(cfg.lam)
         trainer = Trainer(
             student,
-            cfg.trainer_config(cfg.sparsity_steps, cfg.lr, cfg.ckpt_every, resume, True),
-            data.train,
-            teacher=teacher,
-            out_dir=workdir / "sparsity" if workdir is not None else None,
-            device=device,
+            cfg.trainer_config(cfg.sparsity_steps, cfg.lr, cfg.ckpt_every, run.resume, True),
+            run.data.train,
+            teacher=run.teacher,
+            out_dir=run.sub("sparsity"),
+            device=run.device,
             hooks=hooks,
             regularizer=lambda _m: lam * l1_penalty(gates),
         )
@@ -337,19 +332,17 @@ class VTPPruner(StructuralPruner):
         student.eval()
         return {"sparsity": summary, "gate_log": trainer.extra_state.get(GateLogHook.KEY, [])}
 
-    def scores(
-        self, student: ViT, batches: Iterator, teacher: nn.Module, round_index: int, device: torch.device
-    ) -> dict[str, Tensor]:
+    def scores(self, student: ViT, batches: Iterator, step: int, run: Run) -> dict[str, Tensor]:
         gates = getattr(self, "_gates", None) or vtp_gates(student)  # attach order: ties spread as in the paper code
         return {k: g.detach() for k, g in gates.items()}
 
-    def before_surgery(self, student: ViT, masks: StructuralMasks, data: PruneData, device: torch.device) -> Any:
+    def before_surgery(self, student: ViT, masks: StructuralMasks, run: Run) -> Any:
         gates = vtp_gates(student)
         stats = {
             key: {"kept": int(masks.get(key).sum()), "total": int(g.numel())} | gate_stats({key: g})
             for key, g in gates.items()
         }
-        probe = _first_images(data.train, device)
+        probe = _first_images(run.data.train, run.device)
         zero_removed_gates(student, masks)
         with torch.no_grad():
             gated_out = student(probe) if probe is not None else None
