@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
+from typing import NoReturn
 
 from vitprune import __version__
 from vitprune.errors import VitPruneError
@@ -22,8 +24,31 @@ COMMAND_MODULES = [
 ]
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one ``error: <message>`` line on stderr and exit status 2 (usage is
+    shown by ``--help`` only). ``add_subparsers`` builds sub-parsers of the parent's class, so every command
+    (and the recipe mix-in, which subclasses a parser's own class) inherits it."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {one_line_message(message, self.prog)}\n")
+
+
+def one_line_message(message: str, prog: str = "vitprune") -> str:
+    """argparse's message in CLI terms: ``argument --hflip: must be ...`` -> ``--hflip must be ...``."""
+    message = " ".join(message.split())
+    m = re.match(r"argument ([^:]+): (.*)", message)
+    if m:
+        flag = m.group(1).split("/")[-1]
+        rest = m.group(2)
+        sep = " " if rest.startswith(("must ", "expected ", "both ", "LO ")) else ": "
+        message = f"{flag}{sep}{rest}"
+    if message.startswith("the following arguments are required") and prog != "vitprune":
+        message = f"{prog}: {message}"
+    return message
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vitprune", description="Prune Vision Transformers and measure them.")
+    parser = OneLineParser(prog="vitprune", description="Prune Vision Transformers and measure them.")
     parser.add_argument("--version", action="version", version=f"vitprune {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
