@@ -19,6 +19,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.threads is not None and args.threads <= 0:
         raise VitPruneError(f"--threads must be positive, got {args.threads}")
     check_output(args.out or DEFAULT_OUT, "dir", overwrite=args.overwrite, is_run_dir=is_run_output)
+    from vitprune.cli.train_cmds import check_fashion_mnist_root
+
+    check_fashion_mnist_root(args.data, flag="--data")
     model = None
     if args.model:
         from vitprune.models.checkpoints import load_model

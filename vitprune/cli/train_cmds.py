@@ -120,7 +120,7 @@ def _check_run_outputs(args: argparse.Namespace, models: dict, data: dict) -> di
             fingerprint = run_fingerprint(settings_from_args(args, path_dests=PATH_DESTS), models, data)
             if args.resume:
                 check_resume_fingerprint(args.out, fingerprint)
-                remove_stale_temps(args.out)
+            remove_stale_temps(args.out)  # of a write killed in an earlier run here
         except VitPruneError as exc:
             error = str(exc)
     error = D.broadcast_object(error)
@@ -146,6 +146,16 @@ def _setup_runtime(args: argparse.Namespace, models: dict, data: dict) -> tuple[
             f"--batch-size {args.batch_size} must be a positive multiple of the {D.world_size()} processes"
         )
     return device, _check_run_outputs(args, models, data)
+
+
+def check_fashion_mnist_root(root: str | None, flag: str = "--data-root") -> None:
+    """The Fashion-MNIST folder must exist (said in CLI terms, before any work)."""
+    from vitprune.data.fashion_mnist import DEFAULT_ROOT
+
+    path = Path(root) if root else DEFAULT_ROOT
+    if not path.is_dir():
+        how = "install it with `apt-get install dataset-fashion-mnist`" if not root else "check the path"
+        raise VitPruneError(f"Fashion-MNIST not found at {path}: {how} or pass {flag} DIR")
 
 
 def _train_loader(dataset, args: argparse.Namespace, drop_last: bool = True) -> DataLoader:
@@ -224,6 +234,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise VitPruneError(f"--patch-size must divide the 28-pixel images (4, 7, 14 or 28), got {args.patch_size}")
     if args.embed_dim % args.heads:
         raise VitPruneError(f"--embed-dim {args.embed_dim} must be a multiple of --heads {args.heads}")
+    check_fashion_mnist_root(args.data_root)
     device, fingerprint = _setup_runtime(args, {}, {"data_root": args.data_root or DEFAULT_ROOT})
     cfg = fashion_mnist_config(
         args.embed_dim, args.depth, args.heads, args.mlp_ratio, args.patch_size, args.global_pool

@@ -243,7 +243,7 @@ def from_timm_state_dict(
     if heads is None:
         raise VitPruneError(
             f"{source}: the number of attention heads cannot be inferred from tensor shapes; "
-            "pass a preset (e.g. --preset vit_tiny_patch16_224) or heads="
+            "name the architecture with --preset (e.g. --preset vit_tiny_patch16_224)"
         )
     head_list = [int(heads)] * depth if isinstance(heads, int) else [int(h) for h in heads]
     if len(head_list) != depth:

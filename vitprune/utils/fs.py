@@ -127,7 +127,8 @@ def check_output(
     if _is_empty_dir(p):
         return p
     if not recognise(p):
-        raise VitPruneError(f"refusing to write into {p}: it exists and is not a vitprune output directory")
+        what = "run" if kind == "run_dir" else "output"
+        raise VitPruneError(f"refusing to write into {p}: it exists and is not a vitprune {what} directory")
     if not overwrite:
         hint = " or --resume to continue it" if kind == "run_dir" else ""
         raise VitPruneError(f"output exists: {p} (use --overwrite to replace it{hint})")
