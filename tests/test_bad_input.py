@@ -654,3 +654,74 @@ def test_resume_of_the_same_setup_is_accepted(world, tmp_path, capsys):
     assert main([*_finetune_argv(world.model, world.data_run, run), "--resume", "--log-every", "7"]) == 0
     saved = json.loads((run / "fingerprint.json").read_text())
     assert saved["settings"]["data"] == str(world.data_run) and saved["models"]["model"]["path"] == str(world.model)
+
+
+def test_recipe_errors_are_one_line(tmp_path, capsys):
+    """The recipe mix-in subclasses the sub-parser's own class, so its errors are one line too."""
+    bad = _write(tmp_path / "r.yaml", "name: r\nversion: 1\nmethod: nvit\nsettings:\n  warmup: 3\n")
+    for recipe in ("no-such-recipe", str(bad)):
+        code = main(["prune", "nvit", "m", "--data", "d", "--out", str(tmp_path / "o"), "--recipe", recipe])
+        assert_one_error(code, capsys.readouterr().err, "recipe")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml"]
+
+
+def test_argtypes():
+    import argparse
+
+    from vitprune.cli import argtypes as A
+
+    assert A.ordered_pair(0, 1, lo_open=True)("0.2,1") == (0.2, 1.0)
+    assert A.probability("0") == 0.0 and A.nonneg_int("0") == 0 and A.positive_float("1e-3") == 1e-3
+    assert A.float_in(0, 1, hi_open=True)("0.5") == 0.5
+    for kind, text in [
+        (A.positive_int, "0"),
+        (A.positive_int, "1.5"),
+        (A.nonneg_float, "-0.1"),
+        (A.probability, "inf"),
+        (A.float_in(0, 1, hi_open=True), "1"),
+        (A.ordered_pair(0, 1), "0.5,0.2"),
+        (A.ordered_pair(0, 1), "0.5,2"),
+    ]:
+        with pytest.raises(argparse.ArgumentTypeError):
+            kind(text)
+    A.check_range("--x", None, 0, 1)
+    with pytest.raises(VitPruneError, match=r"--x must be in \[0, 1\], got 2"):
+        A.check_range("--x", 2, 0, 1)
+    with pytest.raises(VitPruneError, match="--x must be >= 0, got -1"):
+        A.check_range("--x", -1, 0)
+    A.check_img_size(None, 16)
+    A.check_img_size(32, 16)
+    with pytest.raises(VitPruneError, match="multiple of the patch size 16, got 17"):
+        A.check_img_size(17, 16)
+
+
+def test_check_output_kinds(tmp_path):
+    from vitprune.utils.fs import check_output
+
+    f = _write(tmp_path / "f.json", "{}")
+    assert check_output(f, "file", overwrite=True) == f
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert check_output(empty, "run_dir") == empty  # an empty directory holds nothing to lose
+    run = _write(tmp_path / "run" / "summary.json", "{}").parent
+    assert check_output(run, "run_dir", overwrite=True) == run
+    assert check_output(run, "run_dir", resume=True) == run
+    model = save(
+        ViT(ViTConfig.uniform(embed_dim=8, depth=1, heads=2, num_classes=3, img_size=16, patch_size=8)),
+        tmp_path / "model",
+    )
+    assert check_output(model, "dir", overwrite=True) == model
+    with pytest.raises(VitPruneError, match="use --overwrite to replace it"):
+        check_output(model, "dir")
+    with pytest.raises(VitPruneError, match=r"cannot write .*: it is a file"):
+        check_output(f, "run_dir", overwrite=True)
+    with pytest.raises(VitPruneError, match="is not a vitprune output directory"):
+        check_output(_foreign_dir(tmp_path), "dir", overwrite=True)
+
+
+def test_finetune_overwrite_replaces_its_own_run(world, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(world.run, run)
+    assert main([*_finetune_argv(world.model, world.data, run), "--overwrite"]) == 0
+    capsys.readouterr()
+    assert json.loads((run / "fingerprint.json").read_text())["settings"]["data"] == str(world.data)
