@@ -485,12 +485,12 @@ CASES: list[tuple[str, Prep, str]] = [
     (
         "demo-target-0",
         lambda w, c: ["demo", "--out", str(c / "d"), "--target-macs", "0"],
-        "--target-macs must be in (0, 1]",
+        "--target-macs must be in (0, 1)",
     ),
     (
         "demo-sparsity-1",
         lambda w, c: ["demo", "--out", str(c / "d"), "--sparsity", "1"],
-        "--sparsity must be in [0, 1)",
+        "--sparsity must be in (0, 1), got 1",
     ),
     ("demo-threads-0", lambda w, c: ["demo", "--out", str(c / "d"), "--threads", "0"], "--threads must be a positive"),
     ("demo-out-foreign", lambda w, c: ["demo", "--out", str(_foreign_dir(c)), "--overwrite"], "not a vitprune output"),

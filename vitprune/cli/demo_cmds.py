@@ -89,12 +89,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     p.add_argument(
         "--target-macs",
-        type=A.float_in(0, 1, lo_open=True),
+        type=A.float_in(0, 1, lo_open=True, hi_open=True),
         default=None,
         help="structural methods keep this fraction of the MACs (0.4)",
     )
     p.add_argument(
-        "--sparsity", type=A.float_in(0, 1, hi_open=True), default=None, help="unstructured methods' sparsity (0.8)"
+        "--sparsity",
+        type=A.float_in(0, 1, lo_open=True, hi_open=True),
+        default=None,
+        help="unstructured methods' sparsity (0.8)",
     )
     p.add_argument(
         "--threads", type=A.positive_int, default=None, help="torch CPU threads (default 1: the model is tiny)"
