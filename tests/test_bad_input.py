@@ -637,10 +637,17 @@ def test_stale_temporaries_of_a_killed_write_are_removed(world, tmp_path, capsys
     """A checkpoint write killed with SIGKILL leaves ``.checkpoint.pt.tmp<pid>.*``; the next start removes it."""
     run = tmp_path / "run"
     shutil.copytree(world.run, run)
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    stale = run / f".checkpoint.pt.tmp{dead.pid}.abc123"
-    stale.write_bytes(b"\0" * 1000)
+    killed = (
+        "import os, signal, sys\n"
+        "from vitprune.utils.fs import atomic_path\n"
+        "with atomic_path(sys.argv[1], overwrite=True) as tmp:\n"
+        "    tmp.write_bytes(bytes(10**6))\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    res = subprocess.run([sys.executable, "-c", killed, str(run / "checkpoint.pt")], env=env, cwd=REPO)
+    assert res.returncode == -9
+    (stale,) = run.glob(".checkpoint.pt.tmp*")
     alive = run / f".summary.json.tmp{os.getpid()}.xyz"  # a write in progress (this process) is left alone
     alive.write_text("")
     assert main([*_finetune_argv(world.model, world.data_run, run), "--resume"]) == 0
@@ -725,3 +732,17 @@ def test_finetune_overwrite_replaces_its_own_run(world, tmp_path, capsys):
     assert main([*_finetune_argv(world.model, world.data, run), "--overwrite"]) == 0
     capsys.readouterr()
     assert json.loads((run / "fingerprint.json").read_text())["settings"]["data"] == str(world.data)
+
+
+def test_remove_stale_temps_puts_a_moved_aside_output_back(tmp_path):
+    from vitprune.utils.fs import remove_stale_temps
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    _write(tmp_path / f".model.old{dead.pid}.q1w2e3" / "config.json", "{}")  # killed between the two renames
+    _write(tmp_path / f".model.tmp{dead.pid}.r4t5y6" / "config.json", "{}")  # the new, unfinished output
+    _write(tmp_path / f".report.json.tmp{dead.pid}.u7i8o9", "{")
+    _write(tmp_path / ".hidden.tmp.notes", "user file")  # not a vitprune temporary
+    removed = remove_stale_temps(tmp_path)
+    assert sorted(p.name for p in removed) == [f".model.tmp{dead.pid}.r4t5y6", f".report.json.tmp{dead.pid}.u7i8o9"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".hidden.tmp.notes", "model"]

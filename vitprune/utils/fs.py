@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -156,20 +157,22 @@ def _pid_alive(pid: int) -> bool:
 
 def remove_stale_temps(directory: str | os.PathLike) -> list[Path]:
     """Remove the temporary siblings (``.<name>.tmp<pid>.*``) left in ``directory`` by writes of processes that
-    no longer run (a kill during a checkpoint write); returns what was removed."""
+    no longer run (a kill during a checkpoint write); returns what was removed. A previous output moved aside
+    by a directory replacement that was killed midway (``.<name>.old<pid>.*`` with ``<name>`` missing) is put
+    back."""
     d = Path(directory)
     removed: list[Path] = []
     if not d.is_dir():
         return removed
-    for entry in d.iterdir():
-        name = entry.name
-        if not name.startswith(".") or TMP_TAG not in name:
-            continue
-        tail = name.rsplit(TMP_TAG, 1)[1]
-        pid_text = tail.split(".", 1)[0]
-        if not pid_text.isdigit() or _pid_alive(int(pid_text)):
+    for entry in sorted(d.iterdir()):
+        m = re.fullmatch(r"\.(.+)(\.tmp|\.old)(\d+)\.[^.]+", entry.name)
+        if m is None or _pid_alive(int(m.group(3))):
             continue
         try:
+            if m.group(2) == ".old":
+                if not (d / m.group(1)).exists():
+                    os.rename(entry, d / m.group(1))
+                continue
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry)
             else:
