@@ -746,3 +746,20 @@ def test_remove_stale_temps_puts_a_moved_aside_output_back(tmp_path):
     removed = remove_stale_temps(tmp_path)
     assert sorted(p.name for p in removed) == [f".model.tmp{dead.pid}.r4t5y6", f".report.json.tmp{dead.pid}.u7i8o9"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [".hidden.tmp.notes", "model"]
+
+
+def test_an_os_error_mid_run_is_one_line(world, tmp_path, monkeypatch, capsys):
+    """No space while the trainer appends to metrics.jsonl: one line, exit 2 (the safety net in main)."""
+    import builtins
+
+    real_open = builtins.open
+
+    def full_disk(file, mode="r", *a, **k):
+        if str(file).endswith("metrics.jsonl") and "a" in mode:
+            raise OSError(errno.ENOSPC, "No space left on device", str(file))
+        return real_open(file, mode, *a, **k)
+
+    monkeypatch.setattr(builtins, "open", full_disk)
+    code = main([*_finetune_argv(world.model, world.data, tmp_path / "run"), "--log-every", "1"])
+    monkeypatch.undo()
+    assert_one_error(code, capsys.readouterr().err, "metrics.jsonl: No space left on device")

@@ -1,7 +1,8 @@
 """``vitprune`` entry point: sub-commands are registered by the modules listed in COMMAND_MODULES.
 
 Each command module exposes ``register(subparsers)`` and sets ``func`` on its parsers; ``func(args)``
-returns an exit code. A :class:`VitPruneError` becomes a one-line ``error: ...`` and exit status 2.
+returns an exit code. A :class:`VitPruneError` (or an ``OSError`` of the file system) becomes a one-line
+``error: ...`` and exit status 2; so does a usage error (:class:`OneLineParser`).
 """
 
 from __future__ import annotations
@@ -66,7 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except VitPruneError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # the file system failed us (no space, read-only, ...): one line, not a traceback
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
