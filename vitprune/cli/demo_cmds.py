@@ -7,15 +7,21 @@ import argparse
 import sys
 from pathlib import Path
 
+from vitprune.cli import argtypes as A
 from vitprune.errors import VitPruneError
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from vitprune.demo import DEFAULT_OUT, DemoConfig, format_table, run_demo, summary_json
     from vitprune.training.runinfo import command_line
+    from vitprune.utils.fs import check_output, is_run_output
 
     if args.threads is not None and args.threads <= 0:
         raise VitPruneError(f"--threads must be positive, got {args.threads}")
+    check_output(args.out or DEFAULT_OUT, "dir", overwrite=args.overwrite, is_run_dir=is_run_output)
+    from vitprune.cli.train_cmds import check_fashion_mnist_root
+
+    check_fashion_mnist_root(args.data, flag="--data")
     model = None
     if args.model:
         from vitprune.models.checkpoints import load_model
@@ -82,10 +88,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print the table rows as JSON instead of the table")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     p.add_argument(
-        "--target-macs", type=float, default=None, help="structural methods keep this fraction of the MACs (0.4)"
+        "--target-macs",
+        type=A.float_in(0, 1, lo_open=True, hi_open=True),
+        default=None,
+        help="structural methods keep this fraction of the MACs (0.4)",
     )
-    p.add_argument("--sparsity", type=float, default=None, help="unstructured methods' sparsity (0.8)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1: the model is tiny)")
+    p.add_argument(
+        "--sparsity",
+        type=A.float_in(0, 1, lo_open=True, hi_open=True),
+        default=None,
+        help="unstructured methods' sparsity (0.8)",
+    )
+    p.add_argument(
+        "--threads", type=A.positive_int, default=None, help="torch CPU threads (default 1: the model is tiny)"
+    )
     p.add_argument("--data", default=None, metavar="DIR", help="Fashion-MNIST IDX folder (default: Debian's)")
     p.add_argument(
         "--model", default=None, help="another 28x28 grey, 10-class model instead of the shipped one (vitprune dir)"

@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 
+from vitprune.cli import argtypes as A
 from vitprune.latency.lut import DTYPES, LatencyTable, build_table, check_table, grid_for_config, parse_grid
 from vitprune.models.config import BlockConfig, ViTConfig
 from vitprune.utils.device import resolve_device
-from vitprune.utils.fs import atomic_write_text, check_writable_target
+from vitprune.utils.fs import atomic_write_text, check_output
 
 
 def _load_config(args: argparse.Namespace) -> ViTConfig | None:
@@ -20,9 +21,10 @@ def _load_config(args: argparse.Namespace) -> ViTConfig | None:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    check_writable_target(args.out, args.overwrite)
+    check_output(args.out, "file", overwrite=args.overwrite)
     device = resolve_device(args.device)
     config = _load_config(args)
+    A.check_img_size(args.img_size, config.patch_size if config is not None else args.patch_size)
     if args.grid:
         grid = parse_grid(args.grid)
     elif config is not None:
@@ -72,7 +74,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     if args.json:
-        check_writable_target(args.json, args.overwrite)
+        check_output(args.json, "file", overwrite=args.overwrite)
     table = LatencyTable.load(args.lut)
     device = resolve_device(args.device or table.meta["device_type"])
     table.check_compatible(device, threads=table.meta["threads"], force=args.force)
@@ -121,9 +123,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = lut.add_parser("build", help="time ViT block parts over a grid of dims and save the table (JSON)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
-    p.add_argument("--batch", type=int, required=True, help="batch size the table is built (and valid) for")
+    p.add_argument("--batch", type=A.positive_int, required=True, help="batch size the table is built (and valid) for")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    p.add_argument("--threads", type=int, help="torch intra-op threads on CPU (default: torch's)")
+    p.add_argument("--threads", type=A.positive_int, help="torch intra-op threads on CPU (default: torch's)")
     p.add_argument(
         "--grid",
         help="grid, e.g. 'emb=48,96,144,192;heads=0,1,2,3;qk=8,24,40,64;v=8,24,40,64;mlp=0,192,384,576,768' "
@@ -131,12 +133,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--model", metavar="MODEL", help="take tokens / classes / grid maxima from this model")
     p.add_argument("--preset", help="architecture for a checkpoint that does not record it")
-    p.add_argument("--img-size", type=int, help="input size (default: the model's, else 224)")
-    p.add_argument("--patch-size", type=int, default=16, help="without --model (default 16)")
-    p.add_argument("--prefix-tokens", type=int, default=1, help="class (+ distillation) tokens without --model")
-    p.add_argument("--num-classes", type=int, default=1000, help="classifier width without --model")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--runs", type=int, default=7, help="timed runs per grid point")
+    p.add_argument("--img-size", type=A.positive_int, help="input size (default: the model's, else 224)")
+    p.add_argument("--patch-size", type=A.positive_int, default=16, help="without --model (default 16)")
+    p.add_argument(
+        "--prefix-tokens", type=A.nonneg_int, default=1, help="class (+ distillation) tokens without --model"
+    )
+    p.add_argument("--num-classes", type=A.nonneg_int, default=1000, help="classifier width without --model")
+    p.add_argument("--warmup", type=A.nonneg_int, default=2)
+    p.add_argument("--runs", type=A.positive_int, default=7, help="timed runs per grid point")
     p.add_argument(
         "--stat", choices=("median", "min"), default="median", help="per-point statistic (min: busy machines)"
     )
@@ -149,11 +153,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("lut", metavar="LUT", help="latency table JSON from 'vitprune lut build'")
     p.add_argument("--model", metavar="MODEL", help="architecture to prune randomly (default: the grid maxima)")
     p.add_argument("--preset", help="architecture for a checkpoint that does not record it")
-    p.add_argument("--depth", type=int, default=12, help="blocks of the default architecture (default 12)")
+    p.add_argument("--depth", type=A.positive_int, default=12, help="blocks of the default architecture (default 12)")
     p.add_argument("--device", help="default: the table's device type")
-    p.add_argument("--archs", type=int, default=5, help="random architectures besides the dense one")
+    p.add_argument("--archs", type=A.nonneg_int, default=5, help="random architectures besides the dense one")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--runs", type=A.positive_int, default=5)
     p.add_argument("--force", action="store_true", help="use a table built for another device/batch/dtype (warn)")
     p.add_argument("--json", metavar="FILE", help="also write the result as JSON")
     p.add_argument("--overwrite", action="store_true")

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from vitprune.cli import argtypes as A
 from vitprune.errors import VitPruneError
 from vitprune.metrics.flops import count_macs, format_count, params_breakdown
 from vitprune.models.vit import GATE_NAMES, ViT
@@ -116,6 +117,7 @@ def _print_summary(s: dict[str, Any], source: str) -> None:
 
 def cmd_info(args: argparse.Namespace) -> int:
     model = load_cli_model(args.model, args.preset)
+    A.check_img_size(args.img_size, model.config.patch_size)
     summary = model_summary(model, args.img_size)
     if args.json:
         _print_json({"model": args.model, **summary})
@@ -154,7 +156,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     classes = _classes_file(args.model, args.classes)
     dataset = ImageFolderDataset(args.data, transform, classes_file=classes, limit_per_class=args.limit_per_class)
     if dataset.num_classes > cfg.num_classes:
-        raise VitPruneError(f"{args.data} has {dataset.num_classes} classes but the model has {cfg.num_classes}")
+        raise VitPruneError(f"{dataset.class_count_text()} but the model has {cfg.num_classes}")
     loader = make_loader(dataset, batch_size=args.batch_size, workers=args.workers)
     res = evaluate(model, loader, device=device, progress=not args.json and sys.stderr.isatty())
     out = {"model": args.model, "data": args.data, "classes_file": classes, "preprocess": repr(transform), **res}
@@ -195,6 +197,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     models = {"model": load_cli_model(args.model, args.preset)}
     if args.vs:
         models["vs"] = load_cli_model(args.vs, args.preset)
+    for m in models.values():
+        A.check_img_size(args.img_size, m.config.patch_size)
     if args.vs:
         res = compare_latency(models["model"], models["vs"], **timing)
         res = {**res, "model": args.model, "vs": args.vs}
@@ -235,10 +239,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from vitprune.export.onnx import export_onnx
-    from vitprune.utils.fs import check_writable_target
+    from vitprune.utils.fs import check_output
 
-    check_writable_target(args.onnx, args.overwrite)  # fail before loading anything
+    check_output(args.onnx, "file", overwrite=args.overwrite)  # fail before loading anything
     model = load_cli_model(args.model, args.preset)
+    A.check_img_size(args.img_size, model.config.patch_size)
     res = export_onnx(
         model,
         args.onnx,
@@ -266,7 +271,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parent = _model_parent()
 
     p = sub.add_parser("info", parents=[parent], help="architecture, parameters and MACs per block")
-    p.add_argument("--img-size", type=int, help="count MACs at this input size (default: the model's)")
+    p.add_argument("--img-size", type=A.positive_int, help="count MACs at this input size (default: the model's)")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("eval", parents=[parent], help="top-1/top-5 accuracy on an image folder")
@@ -277,19 +282,21 @@ def register(sub: argparse._SubParsersAction) -> None:
         choices=["shared", "imagenet", "inception"],
         help="preprocessing preset (default: what the model records, else 'shared')",
     )
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
-    p.add_argument("--limit-per-class", type=int, metavar="N", help="evaluate the first N images of each class")
+    p.add_argument("--batch-size", type=A.positive_int, default=64)
+    p.add_argument("--workers", type=A.nonneg_int, default=0, help="data-loading worker processes")
+    p.add_argument(
+        "--limit-per-class", type=A.positive_int, metavar="N", help="evaluate the first N images of each class"
+    )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("bench", parents=[parent], help="forward latency; side by side with --vs")
     p.add_argument("--vs", metavar="MODEL2", help="time MODEL2 alternately with MODEL and report the speed-up")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--img-size", type=int, help="input size (default: the model's)")
-    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
-    p.add_argument("--runs", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--batch-size", type=A.positive_int, default=32)
+    p.add_argument("--img-size", type=A.positive_int, help="input size (default: the model's)")
+    p.add_argument("--threads", type=A.positive_int, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--runs", type=A.positive_int, default=10)
+    p.add_argument("--warmup", type=A.nonneg_int, default=3)
     p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--memory", action="store_true", help="also measure the peak memory of one forward pass")
@@ -298,9 +305,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", parents=[parent], help="export to ONNX, checked with onnxruntime")
     p.add_argument("--onnx", required=True, metavar="FILE", help="output .onnx file")
     p.add_argument("--overwrite", action="store_true", help="replace FILE if it exists")
-    p.add_argument("--opset", type=int, default=17)
-    p.add_argument("--img-size", type=int, help="input size baked into the graph (default: the model's)")
-    p.add_argument("--batch-size", type=int, default=1, help="batch size of the traced / checked input")
+    p.add_argument("--opset", type=A.positive_int, default=17)
+    p.add_argument("--img-size", type=A.positive_int, help="input size baked into the graph (default: the model's)")
+    p.add_argument("--batch-size", type=A.positive_int, default=1, help="batch size of the traced / checked input")
     p.add_argument("--static-batch", action="store_true", help="fix the batch dimension instead of a dynamic one")
     p.add_argument("--no-check", action="store_true", help="skip the onnx checker and the onnxruntime comparison")
     p.set_defaults(func=cmd_export)

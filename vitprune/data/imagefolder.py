@@ -80,6 +80,8 @@ class ImageFolderDataset(Dataset):
                     raise VitPruneError(f"class folder {name!r} in {self.root} is not listed in {classes_file}")
         else:
             self.classes = folders
+        self.classes_file = None if classes_file is None else str(classes_file)
+        self.num_folders = len(folders)
         self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
         exts = tuple(e.lower() for e in extensions)
         self.samples: list[tuple[str, int]] = []
@@ -98,6 +100,16 @@ class ImageFolderDataset(Dataset):
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    def class_count_text(self) -> str:
+        """Where :attr:`num_classes` comes from, for messages: ``the classes file F lists 200 classes (DIR has 4
+        class folders)`` or ``DIR has 4 class folders``."""
+        if self.classes_file is not None:
+            return (
+                f"the classes file {self.classes_file} lists {self.num_classes} classes "
+                f"({self.root} has {self.num_folders} class folders)"
+            )
+        return f"{self.root} has {self.num_folders} class folders"
 
     def __len__(self) -> int:
         return len(self.samples)

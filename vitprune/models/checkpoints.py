@@ -16,8 +16,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import pickle
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import Tensor
 
-from vitprune.errors import VitPruneError
+from vitprune.errors import VitPruneError, torch_load_error
 from vitprune.models import io
 from vitprune.models.config import BlockConfig, ViTConfig
 from vitprune.models.presets import PRESETS, Preset, get_preset
@@ -149,6 +149,32 @@ def _check_supported(sd: Mapping[str, Tensor], source: str) -> None:
                     raise VitPruneError(f"{source}: unsupported architecture feature: {what} (key {key})")
 
 
+def _check_mlp_widths(sd: Mapping[str, Tensor], i: int, embed_dim: int, source: str) -> None:
+    """The MLP width is read from ``fc1.weight``; name the tensor that disagrees with the block's others."""
+    pre = f"blocks.{i}.mlp."
+    widths = {pre + "fc1.weight": int(sd[pre + "fc1.weight"].shape[0])}
+    if pre + "fc1.bias" in sd and sd[pre + "fc1.bias"].ndim == 1:
+        widths[pre + "fc1.bias"] = int(sd[pre + "fc1.bias"].shape[0])
+    if pre + "fc2.weight" in sd and sd[pre + "fc2.weight"].ndim == 2:
+        widths[pre + "fc2.weight"] = int(sd[pre + "fc2.weight"].shape[1])
+    values = list(widths.values())
+    if len(set(values)) <= 1:
+        in_dim = int(sd[pre + "fc1.weight"].shape[1])
+        if in_dim != embed_dim:
+            raise VitPruneError(
+                f"{source}: shape mismatch for {pre}fc1.weight: {tuple(sd[pre + 'fc1.weight'].shape)} "
+                f"(its inputs should be the embedding width {embed_dim})"
+            )
+        return
+    common = max(set(values), key=values.count)
+    odd = [k for k, v in widths.items() if v != common] if values.count(common) > 1 else [pre + "fc1.weight"]
+    others = common if values.count(common) > 1 else ", ".join(f"{k} {v}" for k, v in widths.items())
+    raise VitPruneError(
+        f"{source}: shape mismatch for {odd[0]}: {tuple(sd[odd[0]].shape)} does not fit the block's MLP width "
+        f"({others})"
+    )
+
+
 def _square_side(n: int) -> int | None:
     side = math.isqrt(n) if n >= 0 else -1
     return side if side > 0 and side * side == n else None
@@ -217,7 +243,7 @@ def from_timm_state_dict(
     if heads is None:
         raise VitPruneError(
             f"{source}: the number of attention heads cannot be inferred from tensor shapes; "
-            "pass a preset (e.g. --preset vit_tiny_patch16_224) or heads="
+            "name the architecture with --preset (e.g. --preset vit_tiny_patch16_224)"
         )
     head_list = [int(heads)] * depth if isinstance(heads, int) else [int(h) for h in heads]
     if len(head_list) != depth:
@@ -240,6 +266,7 @@ def from_timm_state_dict(
             raise VitPruneError(
                 f"{source}: block {i}: q/k width {inner_qk} and v width {inner_v} are not divisible by {h} heads"
             )
+        _check_mlp_widths(sd, i, embed_dim, source)
         blocks.append(BlockConfig(h, inner_qk // h if h else 0, inner_v // h if h else 0, int(fc1.shape[0])))
 
     n_cls = int(_require(sd, "head.weight", source, ndim=2).shape[0]) if "head.weight" in sd else 0
@@ -449,18 +476,11 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[st
             raise VitPruneError(f"cannot read safetensors file {p}: {exc}") from None
     if ext in TORCH_EXTENSIONS:
         try:
-            obj = torch.load(str(p), map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch warns about pickle protocols before refusing
+                obj = torch.load(str(p), map_location="cpu", weights_only=True)
         except Exception as exc:  # corrupt zip, truncated file, a pickle of arbitrary objects, ...
-            unsafe = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
-            if unsafe:
-                raise VitPruneError(
-                    f"{p} is not a plain state dict: it pickles {unsafe.group(1)} (only tensors and containers "
-                    "are loaded; save model.state_dict() instead)"
-                ) from None
-            if isinstance(exc, pickle.UnpicklingError):
-                raise VitPruneError(f"cannot read checkpoint {p}: corrupt or not a torch checkpoint") from None
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise VitPruneError(f"cannot read checkpoint {p}: {first}") from None
+            raise VitPruneError(torch_load_error(p, exc)) from None
         return _unwrap_state_dict(obj, str(p)), {}
     raise VitPruneError(
         f"unsupported checkpoint extension {p.suffix!r} for {p} (expected .pth, .pt, .bin, .safetensors "

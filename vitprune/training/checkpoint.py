@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import random
+import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vitprune.errors import VitPruneError
+from vitprune.errors import VitPruneError, torch_load_error
 from vitprune.utils.fs import atomic_path
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -60,7 +61,11 @@ def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any]) -> Path:
     """Write ``state`` atomically to ``path`` (replacing the previous checkpoint only once complete)."""
     payload = {"format_version": FORMAT_VERSION, **state}
     with atomic_path(path, overwrite=True) as tmp:
-        torch.save(payload, tmp)
+        try:
+            torch.save(payload, tmp)
+        except RuntimeError as exc:  # torch reports a failed write (no space, ...) as a RuntimeError
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else "write failed"
+            raise VitPruneError(f"cannot write {path}: {first}") from None
     return Path(path)
 
 
@@ -70,9 +75,11 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if not p.is_file():
         raise VitPruneError(f"checkpoint not found: {p}")
     try:
-        state = torch.load(p, map_location=map_location, weights_only=True)
-    except Exception as exc:  # unpickling errors come in many types
-        raise VitPruneError(f"cannot read checkpoint {p}: {exc}") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about pickle protocols before refusing
+            state = torch.load(p, map_location=map_location, weights_only=True)
+    except Exception as exc:  # unpickling errors come in many types; torch's text is several lines
+        raise VitPruneError(torch_load_error(p, exc)) from None
     if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
         raise VitPruneError(f"not a vitprune training checkpoint (or an unsupported version): {p}")
     return state
