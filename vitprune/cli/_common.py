@@ -132,7 +132,7 @@ def load_train_set(args: argparse.Namespace, model: ViT, transform: Callable) ->
 
     train_set = ImageFolderDataset(args.data, transform, args.classes, args.limit_per_class)
     if train_set.num_classes > model.config.num_classes:
-        raise VitPruneError(f"{args.data} has {train_set.num_classes} classes, the model {model.config.num_classes}")
+        raise VitPruneError(f"{train_set.class_count_text()} but the model has {model.config.num_classes} classes")
     return train_set
 
 

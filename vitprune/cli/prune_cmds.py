@@ -74,6 +74,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from vitprune.pruners.run_options import RunOptions
     from vitprune.pruners.settings import values_from_args
     from vitprune.training import distributed as D
+    from vitprune.training import fingerprint as F
     from vitprune.training.runinfo import loadavg
 
     t0 = time.perf_counter()
@@ -84,6 +85,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
     C.check_threads_and_batch(args)
     pruner = build_pruner(args)
     out = prepare_run_dir(args.out, overwrite=args.overwrite, resume=args.resume)
+    fingerprint = F.run_fingerprint(
+        F.settings_from_args(args, path_dests=("lut",)),
+        models={"model": args.model, "teacher": args.teacher},
+        data={"data": args.data, "val": args.val, "classes": args.classes, "lut": getattr(args, "lut", None)},
+    )
+    if args.resume:  # the same run, or nothing: settings, model and data must be those it started with
+        F.check_resume_fingerprint(out, fingerprint)
     model = load_model(args.model, preset=args.preset)
     device = _device(args)
     pruner.check(model, device)
@@ -91,6 +99,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     device = D.setup_distributed(device)
     C.check_batch_multiple(args.batch_size)
     data, eval_fn = _loaders(args, model, pruner, device)
+    if D.rank() == 0:
+        F.write_fingerprint(out, fingerprint)
     load_start = loadavg()
     results = pruner.prune(model, data, teacher, workdir=out, resume=args.resume, device=device, eval_fn=eval_fn)
     run = C.run_info(args, load_start, t0, method=args.method_name)

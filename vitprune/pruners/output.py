@@ -27,7 +27,17 @@ from vitprune.pruners.base import PruneResult, jsonable
 
 REPORT_NAME = "report.json"
 # files and folders a pruning run writes: what --overwrite may replace in an existing run directory
-RUN_MARKERS = ("report.json", "state.pt", "model", "masks.json", "finetune", "sparsity", "gradual", "stages")
+RUN_MARKERS = (
+    "report.json",
+    "state.pt",
+    "model",
+    "masks.json",
+    "finetune",
+    "sparsity",
+    "gradual",
+    "stages",
+    "fingerprint.json",
+)
 
 
 def target_dir(target: float) -> str:
@@ -52,28 +62,28 @@ def prepare_run_dir(out_dir: str | os.PathLike, *, overwrite: bool = False, resu
     """
     import shutil
 
-    from vitprune.utils.fs import check_writable_target
+    from vitprune.utils.fs import check_parent, remove_stale_temps
 
     out = Path(out_dir)
+    check_parent(out)
     if out.exists() and not out.is_dir():
         raise VitPruneError(f"--out {out} is a file, not a run directory")
     busy = out.is_dir() and any(out.iterdir())
     if resume:
         if not is_run_dir(out):
             raise VitPruneError(f"nothing to resume: {out} holds no pruning run")
+        remove_stale_temps(out)  # a write killed midway leaves a temporary sibling
         return out
     if busy:
         if not is_run_dir(out):
             raise VitPruneError(f"--out {out} exists and is not a vitprune run directory: choose another --out")
         if not overwrite:
             raise VitPruneError(f"output exists: {out} (use --overwrite to replace it or --resume to continue it)")
-        check_writable_target(out, overwrite=True)
+        remove_stale_temps(out)
         for child in out.iterdir():
             sweep = child.name.startswith("s0.") and child.is_dir()
             if child.name in RUN_MARKERS or sweep or child.name == "dims.png":
                 shutil.rmtree(child) if child.is_dir() else child.unlink()
-        return out
-    check_writable_target(out, overwrite=True)
     return out
 
 

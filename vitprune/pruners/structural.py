@@ -153,7 +153,10 @@ class StructuralPruner(Pruner):
             table = LatencyTable.load(cfg.lut)
             lut_device = resolve_device(cfg.lut_device) if cfg.lut_device else torch.device(device)
             threads = cfg.lut_threads if cfg.lut_threads is not None else table.meta.get("threads")
-            table.check_compatible(lut_device, cfg.lut_batch, cfg.lut_dtype, threads, force=cfg.force_lut)
+            try:
+                table.check_compatible(lut_device, cfg.lut_batch, cfg.lut_dtype, threads, force=cfg.force_lut)
+            except VitPruneError as exc:  # the table's own message names lut check's flag
+                raise VitPruneError(str(exc).replace("(--force)", "(--force-lut)")) from None
             self._lut_cache = (cfg.lut, table)
         table = self._lut_cache[1]
         table.covers(model.config)
