@@ -7,8 +7,9 @@
 
 Accuracy levers: per-channel weights (default on); nodes kept in fp32 (``exclude``: the groups
 ``patch_embed`` (the patch-embedding Conv), ``head`` (the classifier), ``attention`` (the attention score /
-softmax / value MatMuls and Softmax) or exact node names; default ``patch_embed`` and ``head``); the graph
-pre-processing ``quant_pre_process`` (symbolic shape inference + ONNX Runtime graph optimisation, default on).
+softmax / value MatMuls and Softmax), exact node names or shell-style patterns over them (``*/mlp/fc2/*``);
+default ``patch_embed`` and ``head``); the graph pre-processing ``quant_pre_process`` (symbolic shape inference
++ ONNX Runtime graph optimisation, default on).
 
 Symmetric weight quantization maps 0.0 to the integer 0 (zero point 0), so an unstructured-sparse model keeps
 every zero weight exactly; :func:`quantize_onnx` checks it and reports the file sizes, also compressed (deflate of
@@ -18,6 +19,7 @@ the file, and a bitmask + non-zero int8 values estimate of the weights).
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import io
 import json
 import os
@@ -60,8 +62,14 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"
 
 
+def _aliases(node: Any) -> list[str]:
+    """The node's name, and the name quantize_dynamic gives a Gemm once it has rewritten it as MatMul + Add."""
+    return [node.name, node.name + "_MatMul"] if node.op_type == "Gemm" else [node.name]
+
+
 def resolve_exclude(graph: Any, exclude: Iterable[str]) -> list[str]:
-    """Node names of ``graph`` (an ``onnx.GraphProto``) for the groups / names in ``exclude``."""
+    """Node names of ``graph`` (an ``onnx.GraphProto``) for the groups, node names or shell-style patterns
+    (``*/mlp/fc2/*``) in ``exclude``."""
     nodes = list(graph.node)
     names = {n.name for n in nodes}
     outputs = {o.name for o in graph.output}
@@ -75,11 +83,15 @@ def resolve_exclude(graph: Any, exclude: Iterable[str]) -> list[str]:
                 for n in nodes
                 if n.op_type in ("Gemm", "MatMul") and (n.name.startswith("/head") or set(n.output) & outputs)
             ]
-            picked = [m for n in heads for m in ([n.name, n.name + "_MatMul"] if n.op_type == "Gemm" else [n.name])]
+            picked = [m for n in heads for m in _aliases(n)]
         elif item == "attention":
             picked = [n.name for n in nodes if _ATTN_INNER.search(n.name)]
         elif item in names:
             picked = [item]
+        elif any(ch in item for ch in "*?["):  # a shell-style pattern over node names, e.g. */mlp/fc2/*
+            picked = [m for n in nodes for m in _aliases(n) if fnmatch.fnmatchcase(n.name, item)]
+            if not picked:
+                raise VitPruneError(f"--keep-fp32 pattern {item!r} matches no node of the graph")
         else:
             raise VitPruneError(
                 f"--keep-fp32 {item!r} is neither a node of the graph nor a group ({', '.join(EXCLUDE_GROUPS)})"
