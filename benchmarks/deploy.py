@@ -23,13 +23,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import onnxruntime
 import torch
 from _common import RESULTS, cached_batches, loadavg, markdown_table, shared_data, shared_model, write_results
 
 from vitprune.data import ImageFolderDataset
 from vitprune.data.transforms import eval_transform_for
 from vitprune.export.onnx import export_onnx
-from vitprune.export.quantize import DEFAULT_EXCLUDE, calibration_batches, deflate_bytes, quantize_onnx
+from vitprune.export.quantize import calibration_batches, deflate_bytes, quantize_onnx
 from vitprune.metrics import evaluate
 from vitprune.metrics.latency import compare_many
 from vitprune.models.checkpoints import load_model
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--val-limit-per-class", type=int, default=5, help="val images per class (5 -> 1,000)")
     ap.add_argument("--calib-images", type=int, default=256)
     ap.add_argument("--calib-method", default="minmax", choices=["minmax", "entropy", "percentile"])
-    ap.add_argument("--keep-fp32", nargs="*", default=list(DEFAULT_EXCLUDE), help="nodes left in fp32")
+    ap.add_argument("--keep-fp32", nargs="*", default=None, help="nodes left in fp32 (default: the mode's)")
     ap.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=PRECISIONS)
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--threads", type=int, default=2)
@@ -76,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--work", default=None, help="folder for the ONNX files (default: a folder in the temp dir)")
     ap.add_argument("--name", default="deploy")
+    ap.add_argument("--results-dir", default=str(RESULTS), help="where <name>.json / .md go (default results/)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     load_start = loadavg()
@@ -83,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     sparse = set(_named(args.sparse))
     work = Path(args.work or Path(tempfile.gettempdir()) / f"vitprune-{args.name}")
     work.mkdir(parents=True, exist_ok=True)
-    out_json = RESULTS / f"{args.name}.json"
+    out_json = Path(args.results_dir) / f"{args.name}.json"
     record = _load(out_json)
     rows: dict[str, dict[str, Any]] = record.get("rows", {})
     latency: dict[str, Any] = record.get("latency", {})
@@ -108,10 +110,11 @@ def main(argv: list[str] | None = None) -> int:
             rows=rows,
             latency=latency,
             machine=machine_info(),
+            onnxruntime=onnxruntime.__version__,
             load_average={"start": load_start, "now": loadavg()},
         )
         record.pop("environment", None)  # refreshed by write_results: command, date, git commit
-        write_results(args.name, record, _markdown(rows, latency, args))
+        write_results(args.name, record, _markdown(rows, latency, args), Path(args.results_dir))
 
     batches = None
     for name, path in models.items():
@@ -182,6 +185,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _kept(names: list[str] | None) -> str:
+    return "the defaults of each mode" if names is None else ", ".join(names) or "none"
+
+
 def _markdown(rows: dict[str, dict[str, Any]], latency: dict[str, Any], args: argparse.Namespace) -> str:
     mib = 2**20
     lat_cols = sorted(latency, key=lambda k: int(k[1:]))
@@ -207,7 +214,7 @@ def _markdown(rows: dict[str, dict[str, Any]], latency: dict[str, Any], args: ar
         "# Deployable speed: fp32 vs INT8 in ONNX Runtime\n\n"
         f"Top-1 on {n} val images ({args.val_limit_per_class} per class) through ONNX Runtime; INT8 static calibrated "
         f"on {args.calib_images} images of {args.calib} ({args.calib_method}); nodes kept in fp32: "
-        f"{', '.join(args.keep_fp32) or 'none'}. Latency: ORT, {args.threads} threads, every row timed round-robin "
+        f"{_kept(args.keep_fp32)}. Latency: ORT, {args.threads} threads, every row timed round-robin "
         f"in one process ({args.runs} rounds after {args.warmup} warm-up); speed-up vs the first row.\n\n"
         + markdown_table(headers, table)
         + "\n"

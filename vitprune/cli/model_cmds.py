@@ -73,10 +73,10 @@ def _add_int8_args(p: argparse.ArgumentParser, *, torch_backend: bool) -> None:
     g.add_argument(
         "--keep-fp32",
         type=_names,
-        default=("patch_embed", "head"),
+        default=None,
         metavar="NAMES",
-        help="nodes left in fp32: groups patch_embed, head, attention and/or node names, comma-separated, or "
-        "'none' (default patch_embed,head)",
+        help="nodes left in fp32, comma-separated: groups patch_embed, head, attention, mlp_fc2, node names or "
+        "patterns (*/mlp/fc2/*), or 'none' (default: patch_embed,head; static adds mlp_fc2)",
     )
     g.add_argument("--no-graph-prep", action="store_true", help="skip quant_pre_process (shape inference, fusions)")
     if torch_backend:
