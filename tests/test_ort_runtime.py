@@ -172,6 +172,7 @@ def test_load_model_refuses_onnx(files):
         ["export", "{fp32}", "--onnx", "{tmp}/x.onnx"],  # already ONNX, no --int8
         ["export", "{model}", "--onnx", "{tmp}/x.onnx", "--int8", "dynamic", "--keep-fp32", "nonode"],
         ["info", "{fp32}"],  # an ONNX file where a training model is needed
+        ["prune", "obs", "{fp32}", "--data", "{data}", "--sparsity", "0.5", "--out", "{tmp}/obs"],
         ["lut", "build", "--batch", "1", "--model", "{fp32}", "--out", "{tmp}/x.json"],
         ["bench", "{fp32}", "--runtime", "torch"],
         ["bench", "{model}", "--runtime", "torch", "--int8", "static", "--calib", "{data}"],

@@ -100,6 +100,9 @@ def test_static_int8_calibrated_on_images(fp32_file, calib, tmp_path):
     # attention kept in fp32 on request; 'none' quantizes the patch embedding and head too
     res = quantize_onnx(fp32_file, tmp_path / "s2.onnx", "static", calib=batches, exclude=("attention",))
     assert res["nodes_quantized"] == 10 and any(n.endswith("/attn/Softmax") for n in res["excluded_nodes"])
+    res = quantize_onnx(fp32_file, tmp_path / "s4.onnx", "dynamic", exclude=("*/blocks.1/*",))
+    assert res["nodes_quantized"] == 4 + 2  # block 0's linears, the patch embedding and the head
+    assert all(n.startswith("/blocks.1/") for n in res["excluded_nodes"]) and len(res["excluded_nodes"]) > 4
     res = quantize_onnx(fp32_file, tmp_path / "s3.onnx", "static", calib=batches, exclude=(), per_channel=False)
     assert res["nodes_quantized"] == 14 and res["excluded_nodes"] == []
 
