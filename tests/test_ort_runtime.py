@@ -103,6 +103,10 @@ def test_bench_onnxruntime_side_by_side(files, capsys):
     assert res["model_onnx_file_bytes"] > 0 and res["rounds"] == 3 and res["threads"] == 1
     assert main(["bench", str(files["fp32"]), *common]) == 0  # an .onnx MODEL implies onnxruntime
     assert "onnxruntime fp32" in capsys.readouterr().out
+    # an fp32 .onnx is quantized on request; the torch MODEL with --int8 dynamic stays in torch
+    res = run_json(capsys, ["bench", str(files["fp32"]), "--vs", str(files["model"]), "--int8", "dynamic", *common])
+    assert res["model_int8"]["mode"] == "dynamic" and res["model_runtime"] == "onnxruntime"
+    assert res["vs_runtime"] == "torch" and res["vs_int8"]["backend"] in ("torchao", "torch.ao")
 
 
 def test_ort_latency_table_build_check_and_runtime_refusal(tmp_path, capsys):

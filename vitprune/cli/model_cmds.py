@@ -160,8 +160,8 @@ def _runtime_of(path: str, requested: str | None) -> str:
 
 def prepare_model(path: str, args: argparse.Namespace, workdir: Path, role: str) -> tuple[Any, dict[str, Any]]:
     """MODEL as the runtime runs it: a torch module (optionally INT8 dynamic) or an ONNX runner; a torch MODEL
-    with an ONNX runtime is exported (and quantized with ``--int8``) into ``workdir`` first. ``.onnx`` files
-    run as they are (``--int8`` applies to the models that are exported here)."""
+    with an ONNX runtime is exported (and quantized with ``--int8``) into ``workdir`` first. With ``--int8`` an
+    fp32 ``.onnx`` file is quantized too; an INT8 one (``vitprune_int8`` metadata) runs as it is."""
     runtime = _runtime_of(path, args.runtime)
     img_size = getattr(args, "img_size", None)
     threads = getattr(args, "threads", None)
@@ -174,10 +174,16 @@ def prepare_model(path: str, args: argparse.Namespace, workdir: Path, role: str)
             model = quantize_torch_dynamic(model, args.torch_int8_backend)
             info["int8"] = model.int8
         return model, info
-    from vitprune.runtime.ort import load_runner
+    from vitprune.runtime.ort import load_runner, read_metadata
 
+    if _is_onnx(path) and not Path(path).is_file():
+        raise VitPruneError(f"ONNX file not found: {path}")
     onnx_file = Path(path)
-    if not _is_onnx(path):
+    if _is_onnx(path) and args.int8 and "vitprune_int8" not in read_metadata(path):
+        fp32_runner = load_runner(path, "onnxruntime", threads=1)
+        transform = _onnx_transform(fp32_runner, args.preprocess) if args.int8 == "static" else None
+        onnx_file = Path(_quantize_file(onnx_file, workdir / f"{role}.int8.onnx", args, transform, False)["path"])
+    elif not _is_onnx(path):
         from vitprune.export.onnx import export_onnx
 
         model = load_cli_model(path, args.preset)
