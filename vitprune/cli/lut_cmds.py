@@ -6,7 +6,7 @@ import argparse
 import json
 
 from vitprune.cli import argtypes as A
-from vitprune.latency.lut import DTYPES, LatencyTable, build_table, check_table, grid_for_config, parse_grid
+from vitprune.latency.lut import DTYPES, RUNTIMES, LatencyTable, build_table, check_table, grid_for_config, parse_grid
 from vitprune.models.config import BlockConfig, ViTConfig
 from vitprune.utils.device import resolve_device
 from vitprune.utils.fs import atomic_write_text, check_output
@@ -57,6 +57,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         runs=args.runs,
         progress=not args.quiet,
         stat=args.stat,
+        runtime=args.runtime,
         **shape,
     )
     if config is not None:
@@ -64,7 +65,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     table.save(args.out, overwrite=args.overwrite)
     m = table.meta
     print(
-        f"latency table: {args.out} ({m['device_name']}, {m['dtype']}, batch {m['batch_size']}, "
+        f"latency table: {args.out} ({m['runtime']}, {m['device_name']}, {m['dtype']}, batch {m['batch_size']}, "
         f"threads {m['threads']}, {m['tokens']} tokens)"
     )
     if config is not None:
@@ -77,7 +78,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         check_output(args.json, "file", overwrite=args.overwrite)
     table = LatencyTable.load(args.lut)
     device = resolve_device(args.device or table.meta["device_type"])
-    table.check_compatible(device, threads=table.meta["threads"], force=args.force)
+    runtime = args.runtime or table.runtime
+    table.check_compatible(device, threads=table.meta["threads"], force=args.force, runtime=runtime)
     config = _load_config(args)
     if config is None:
         g, m = table.grid, table.meta
@@ -95,7 +97,14 @@ def cmd_check(args: argparse.Namespace) -> int:
             global_pool="token" if m["prefix_tokens"] >= 1 else "avg",
         )
     result = check_table(
-        table, config, num_archs=args.archs, device=device, seed=args.seed, runs=args.runs, progress=not args.quiet
+        table,
+        config,
+        num_archs=args.archs,
+        device=device,
+        seed=args.seed,
+        runs=args.runs,
+        progress=not args.quiet,
+        runtime=runtime,
     )
     for i, row in enumerate(result["archs"]):
         name = "dense" if i == 0 else f"random {i}"
@@ -144,6 +153,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--stat", choices=("median", "min"), default="median", help="per-point statistic (min: busy machines)"
     )
+    p.add_argument(
+        "--runtime",
+        choices=RUNTIMES,
+        default="torch",
+        help="time eager PyTorch (default) or each part exported to ONNX in an ONNX Runtime session",
+    )
     p.add_argument("--out", required=True, metavar="FILE", help="output JSON file")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -158,7 +173,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--archs", type=A.nonneg_int, default=5, help="random architectures besides the dense one")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--runs", type=A.positive_int, default=5)
-    p.add_argument("--force", action="store_true", help="use a table built for another device/batch/dtype (warn)")
+    p.add_argument("--runtime", choices=RUNTIMES, help="measure with this runtime (default: the table's)")
+    p.add_argument(
+        "--force", action="store_true", help="use a table built for another device/batch/dtype/runtime (warn)"
+    )
     p.add_argument("--json", metavar="FILE", help="also write the result as JSON")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

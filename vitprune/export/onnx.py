@@ -74,14 +74,16 @@ def export_onnx(
     overwrite: bool = False,
     check: bool = True,
     atol: float = 1e-3,
+    metadata: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Write ``model`` (eval mode, float32, CPU) as an ONNX graph ``images (B, C, H, W) -> logits (B, classes)``.
 
     With ``check`` the file is validated by ``onnx.checker`` and run with onnxruntime on a random batch (of
     ``batch_size + 1`` images when the batch is dynamic, to exercise it); the largest absolute logit difference
     from PyTorch is returned and must be ``<= atol``, otherwise nothing is written. The architecture (config
-    JSON) is stored in the ONNX metadata under ``vitprune_config``. The write is atomic and an existing ``path``
-    is refused unless ``overwrite``.
+    JSON) is stored in the ONNX metadata under ``vitprune_config``, with ``metadata`` (string key/values, e.g.
+    ``vitprune_preprocess``: the preprocessing JSON that ``vitprune eval`` applies). The write is atomic and an
+    existing ``path`` is refused unless ``overwrite``.
 
     Returns ``{"path", "max_abs_diff" (None without check), "onnx_file_bytes", "opset", "img_size",
     "dynamic_batch", "input_name", "output_name"}``.
@@ -123,8 +125,10 @@ def export_onnx(
                         do_constant_folding=True,
                     )
                 graph = onnx.load(str(tmp))
-                if cfg is not None and hasattr(cfg, "to_json"):
-                    onnx.helper.set_model_props(graph, {"vitprune_config": cfg.to_json()})
+                props = {"vitprune_config": cfg.to_json()} if cfg is not None and hasattr(cfg, "to_json") else {}
+                props.update(metadata or {})
+                if props:
+                    onnx.helper.set_model_props(graph, props)
                 onnx.save(graph, str(tmp))
                 del graph
             except VitPruneError:

@@ -14,8 +14,12 @@ dtype / thread count / token count. Between grid points the table is interpolate
 extrapolated below the smallest grid value; values above the grid are refused). ``vitprune lut check`` measures
 random pruned architectures end to end and reports the relative error of this decomposition.
 
-A table is tied to the device, dtype, batch size, thread count (CPU) and token count it was built with; using it
-for anything else is refused (or only warned about with ``force=True``).
+With ``runtime="onnxruntime"`` every grid point's branch (and every architecture of the check) is exported to ONNX
+in memory and timed in an ONNX Runtime session (:mod:`vitprune.runtime.ort`, fp32, CPU) instead of eager PyTorch.
+
+A table is tied to the runtime, device, dtype, batch size, thread count (CPU) and token count it was built with;
+using it for anything else is refused (or only warned about with ``force=True``). Tables without a ``runtime``
+entry (built before it existed) are torch tables.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ FORMAT = "vitprune-lut"
 VERSION = 1
 AXES = ("emb", "heads", "qk", "v", "mlp")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+RUNTIMES = ("torch", "onnxruntime")
 DEFAULT_GRID = {  # ViT-Tiny sized (emb 192, 3 heads of 64, MLP 768): 4*4*4*4 + 4*5 + 4 timed points
     "emb": [48, 96, 144, 192],
     "heads": [0, 1, 2, 3],
@@ -206,11 +211,15 @@ class LatencyTable:
         dtype: str | None = None,
         threads: int | None = None,
         force: bool = False,
+        runtime: str | None = None,
     ) -> list[str]:
-        """Refuse (or with ``force`` warn about) using the table for another device / batch / dtype / threads."""
+        """Refuse (or with ``force`` warn about) using the table for another device / batch / dtype / threads /
+        runtime (``runtime`` None: not checked)."""
         dev = torch.device(device)
         m = self.meta
         problems = []
+        if runtime is not None and runtime != self.runtime:
+            problems.append(f"runtime {runtime} (table: {self.runtime})")
         if dev.type != m["device_type"]:
             problems.append(f"device type {dev.type} (table: {m['device_type']})")
         elif device_name(dev) != m["device_name"]:
@@ -228,6 +237,11 @@ class LatencyTable:
         if problems:
             warnings.warn("latency table built for another setting: " + "; ".join(problems), stacklevel=2)
         return problems
+
+    @property
+    def runtime(self) -> str:
+        """What the table was timed with: "torch" (eager PyTorch) or "onnxruntime"."""
+        return str(self.meta.get("runtime", "torch"))
 
     # ------------------------------------------------------------------------------------ persistence
     def to_dict(self) -> dict[str, Any]:
@@ -303,6 +317,28 @@ def _time_ms(fn: Callable[[], Any], device: torch.device, warmup: int, runs: int
     return STATS[stat](times)
 
 
+def _runner(module: nn.Module, example: torch.Tensor, runtime: str, threads: int | None) -> Callable[[], Any]:
+    """``module(example)`` as a no-argument call: eager PyTorch, or the module exported to an ORT session."""
+    if runtime == "torch":
+        return lambda: module(example)
+    from vitprune.runtime.ort import module_session
+
+    runner = module_session(module, example, threads)
+    feed = {runner.input_name: example.detach().cpu().numpy()}
+    return lambda: runner.session.run(None, feed)
+
+
+def _check_runtime(runtime: str, device: torch.device, dtype: str) -> None:
+    if runtime not in RUNTIMES:
+        raise VitPruneError(f"unknown latency-table runtime {runtime!r} (expected {', '.join(RUNTIMES)})")
+    if runtime == "onnxruntime":
+        from vitprune.runtime.ort import require_onnxruntime
+
+        require_onnxruntime()
+        if device.type != "cpu" or dtype != "float32":
+            raise VitPruneError("an onnxruntime latency table is built on the cpu in float32")
+
+
 class _AttnBranch(nn.Module):
     def __init__(self, blk: Block) -> None:
         super().__init__()
@@ -336,11 +372,13 @@ def build_table(
     runs: int = 7,
     progress: bool = True,
     stat: str = "median",
+    runtime: str = "torch",
 ) -> LatencyTable:
     """Time attention / MLP branches and the stem over ``grid`` on ``device`` (see the module docstring).
 
     ``stat`` summarises the timed runs of each point: "median" (default) or "min" (robust to other processes
-    competing for the CPU, which only ever add time); :func:`check_table` uses the table's statistic."""
+    competing for the CPU, which only ever add time); :func:`check_table` uses the table's statistic.
+    ``runtime="onnxruntime"`` times each branch exported to ONNX in an ONNX Runtime session (CPU, float32)."""
     if stat not in STATS:
         raise VitPruneError(f"unknown timing statistic {stat!r} (expected {', '.join(STATS)})")
     dev = torch.device(device)
@@ -352,6 +390,7 @@ def build_table(
         raise VitPruneError("need batch >= 1, runs >= 1 and warmup >= 0")
     if img_size % patch_size:
         raise VitPruneError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
+    _check_runtime(runtime, dev, dtype)
     grid = validate_grid(grid or DEFAULT_GRID)
     tdtype = DTYPES[dtype]
     tokens = prefix_tokens + (img_size // patch_size) ** 2
@@ -376,11 +415,12 @@ def build_table(
                     enumerate(grid["heads"]), enumerate(grid["qk"]), enumerate(grid["v"])
                 ):
                     branch = _AttnBranch(Block(e, BlockConfig(h, q, v, 0), 1e-6, True, 0.0)).to(dev, tdtype).eval()
-                    attn[ie, ih, iq, iv] = _time_ms(lambda f=branch, x=x: f(x), dev, warmup, runs, stat)
+                    run = _runner(branch, x, runtime, threads)
+                    attn[ie, ih, iq, iv] = _time_ms(run, dev, warmup, runs, stat)
                     bar.update(1)
                 for im, m in enumerate(grid["mlp"]):
                     branch = _MlpBranch(Block(e, BlockConfig(0, 0, 0, m), 1e-6, True, 0.0)).to(dev, tdtype).eval()
-                    mlp[ie, im] = _time_ms(lambda f=branch, x=x: f(x), dev, warmup, runs, stat)
+                    mlp[ie, im] = _time_ms(_runner(branch, x, runtime, threads), dev, warmup, runs, stat)
                     bar.update(1)
                 cfg = ViTConfig(
                     embed_dim=e,
@@ -395,13 +435,14 @@ def build_table(
                 )
                 vit = ViT(cfg).to(dev, tdtype).eval()
                 images = torch.randn(batch_size, in_chans, img_size, img_size, generator=gen).to(dev, tdtype)
-                stem[ie] = _time_ms(lambda vit=vit, images=images: vit(images), dev, warmup, runs, stat)
+                stem[ie] = _time_ms(_runner(vit, images, runtime, threads), dev, warmup, runs, stat)
                 bar.update(1)
         used_threads = torch.get_num_threads()
     finally:
         bar.close()
         torch.set_num_threads(old_threads)
     meta = {
+        "runtime": runtime,
         "device_type": dev.type,
         "device_name": device_name(dev),
         "dtype": dtype,
@@ -417,11 +458,18 @@ def build_table(
         "runs": runs,
         "stat": stat,
         "torch": torch.__version__,
+        **({"onnxruntime": _ort_version()} if runtime == "onnxruntime" else {}),
         "cpu_count": os.cpu_count(),
         "platform": platform.platform(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     return LatencyTable(meta, grid, attn, mlp, stem)
+
+
+def _ort_version() -> str:
+    from vitprune.runtime.ort import require_onnxruntime
+
+    return str(require_onnxruntime().__version__)
 
 
 def random_architecture(
@@ -455,9 +503,11 @@ def check_table(
     runs: int = 5,
     include_base: bool = True,
     progress: bool = True,
+    runtime: str | None = None,
 ) -> dict[str, Any]:
     """Predicted vs measured latency of ``base`` and ``num_archs`` random pruned versions of it (timed round
-    robin, the table's per-point statistic over ``runs`` rounds).
+    robin, the table's per-point statistic over ``runs`` rounds) with ``runtime`` (default: the table's; each
+    architecture is exported to an ONNX Runtime session for "onnxruntime").
 
     Returns ``{"archs": [{"predicted_ms", "measured_ms", "rel_error", ...}...], "median_rel_error",
     "max_rel_error", "median_ratio_error", "max_ratio_error"}``; ``rel_error = |predicted - measured| / measured``;
@@ -466,6 +516,8 @@ def check_table(
     """
     dev = torch.device(device)
     table.covers(base)
+    runtime = runtime or table.runtime
+    _check_runtime(runtime, dev, table.meta["dtype"])
     dtype = DTYPES[table.meta["dtype"]]
     gen = torch.Generator().manual_seed(seed)
     configs = ([base] if include_base else []) + [random_architecture(base, table.grid, gen) for _ in range(num_archs)]
@@ -478,12 +530,13 @@ def check_table(
     try:
         models = [ViT(cfg).to(dev, dtype).eval() for cfg in configs]
         x = torch.randn(table.meta["batch_size"], base.in_chans, base.img_size, base.img_size).to(dev, dtype)
+        runs_of = [_runner(model, x, runtime, threads) for model in models]
         times: list[list[float]] = [[] for _ in models]
         with torch.inference_mode():
             # round robin (every model once per round) so that machine drift affects all models alike
             for r in tqdm(range(warmup + runs), desc="lut check", disable=not progress, dynamic_ncols=True):
-                for i, model in enumerate(models):
-                    t = _time_ms(lambda model=model: model(x), dev, 0, 1)
+                for i, run in enumerate(runs_of):
+                    t = _time_ms(run, dev, 0, 1)
                     if r >= warmup:
                         times[i].append(t)
         for cfg, t in zip(configs, times, strict=True):
@@ -519,4 +572,5 @@ def check_table(
         "batch_size": table.meta["batch_size"],
         "dtype": table.meta["dtype"],
         "threads": threads,
+        "runtime": runtime,
     }

@@ -545,6 +545,11 @@ def load_model(
     p = Path(path)
     if not p.exists():
         raise VitPruneError(f"model path not found: {p}")
+    if p.is_file() and p.suffix.lower() == ".onnx":
+        raise VitPruneError(
+            f"{p.name} is an ONNX file: it can be evaluated and benchmarked (eval, bench) but not loaded for "
+            "training/pruning"
+        )
     if p.is_file():
         return _load_file(p, preset, num_classes, heads)
     p = io.resolve_model_dir(p)  # the model of a prune / finetune / train run directory

@@ -98,7 +98,9 @@ class OBSConfig(UnstructuredConfig):
     def check(self) -> None:
         if self.schedule:
             if any(b <= a for a, b in itertools.pairwise(self.schedule)):
-                raise VitPruneError(f"--schedule must be increasing sparsities, got {' '.join(map(str, self.schedule))}")
+                raise VitPruneError(
+                    f"--schedule must be increasing sparsities, got {' '.join(map(str, self.schedule))}"
+                )
             if self.nm is not None:
                 raise VitPruneError("--schedule (gradual) is for unstructured OBS, not --nm")
             if not self.sparsity:
