@@ -38,7 +38,7 @@ class Spec:
     ``flag``: the long option without ``--`` (default: the field name with ``-``); ``invert``: a bool whose flag
     stores ``False`` (``--damp-absolute`` for ``damp_relative``); ``zero_is_none``: ``0`` on the CLI means
     ``None`` (``--round-to 0`` = off); ``cli=False``: library-only; ``group``: mutually exclusive group name;
-    ``metavar``: shown in ``--help``.
+    ``metavar``: shown in ``--help``; ``recipe=False``: a run flag a recipe may not set (paths, resume, device).
     """
 
     kind: str
@@ -56,6 +56,7 @@ class Spec:
     nargs: str | None = None
     group: str | None = None
     metavar: str | None = None
+    recipe: bool = True  # False: a CLI-only run flag (paths, resume, device), not a recipe setting
 
     def option(self, name: str) -> str:
         """The long option (``--finetune-steps``)."""
@@ -350,7 +351,7 @@ def schema_of(*classes: type) -> dict[str, tuple[str, Spec]]:
     out: dict[str, tuple[str, Spec]] = {}
     for cls in classes:
         for name, spec in specs_of(cls).items():
-            if spec.cli:
+            if spec.cli and spec.recipe:
                 out.setdefault(spec.key(name), (name, spec))
     return out
 
