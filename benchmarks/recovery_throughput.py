@@ -158,12 +158,14 @@ def throughput(student, teacher, loaders, batch_size: int, steps: int, warmup: i
         trainer.model.train()
         trainers[name], batches[name] = trainer, iter(trainer._epoch_batches())
     seconds: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    cpu: dict[str, list[float]] = {name: [] for name in VARIANTS}
     for i in range(steps + warmup):
         for name, trainer in trainers.items():
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             trainer.train_step(next(batches[name]))
             if i >= warmup:
                 seconds[name].append(time.perf_counter() - t0)
+                cpu[name].append(time.process_time() - c0)
         line = ", ".join(f"{n}: {batch_size / s[-1]:.1f}" for n, s in seconds.items() if s)
         print(f"cycle {i + 1}/{steps + warmup} img/s {line} (load {loadavg()})", flush=True)
     out: dict[str, Any] = {}
@@ -176,6 +178,8 @@ def throughput(student, teacher, loaders, batch_size: int, steps: int, warmup: i
             "ratio_per_cycle": ratios,
             "ratio_median": statistics.median(ratios),
             "ratio_total": sum(seconds["before"]) / sum(values),
+            "cpu_s_per_step": cpu[name],
+            "cpu_ratio_total": sum(cpu["before"]) / sum(cpu[name]),
         }
     return out
 
@@ -269,7 +273,8 @@ def main() -> None:
     }
     rows = []
     for name, v in tp.items():
-        rows.append([name, f"{v['images_per_s_median']:.1f}", f"{v['ratio_median']:.2f}x", f"{v['ratio_total']:.2f}x"])
+        ratios = [f"{v[k]:.2f}x" for k in ("ratio_median", "ratio_total", "cpu_ratio_total")]
+        rows.append([name, f"{v['images_per_s_median']:.1f}", *ratios])
     phase_rows = [
         [name]
         + [f"{ph[k]:.3f}" for k in ("data", "teacher_forward", "student_forward", "backward", "clip_optimizer")]
@@ -281,8 +286,11 @@ def main() -> None:
         f"{torch.get_num_threads()} threads\n\n"
         f"Engine steps (`Trainer.train_step`, data loading included), the variants alternating step by step, "
         f"{args.steps} timed steps each; ratio = time of the `before` step / time of the variant's step in the "
-        "same cycle:\n\n"
-        + markdown_table(["variant", "img/s (median step)", "ratio (median cycle)", "ratio (total time)"], rows)
+        "same cycle; the CPU-time ratio (process time of all threads) is the cross-check least affected by other "
+        "jobs on a shared machine:\n\n"
+        + markdown_table(
+            ["variant", "img/s (median step)", "ratio (median cycle)", "ratio (total time)", "ratio (CPU time)"], rows
+        )
         + f"\n\nMedian seconds per step by phase ({args.profile_steps} steps each, alternating; one step written "
         "out like the engine's):\n\n"
         + markdown_table(["variant", "data", "teacher fwd", "student fwd", "backward", "clip+opt", "total"], phase_rows)

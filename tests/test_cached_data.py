@@ -112,3 +112,23 @@ def test_tensor_augmentation_matches_the_pil_path(folder, tmp_path):
 def test_tensor_augmentation_rejects_float_input():
     with pytest.raises(VitPruneError, match="uint8"):
         CachedTrainTransform(8)(torch.rand(3, 8, 8))
+
+
+def test_recovery_loader_with_the_cache_gives_the_plain_loaders_batches(folder, tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import _recovery as R
+
+    kw = {"batch_size": 4, "img_size": 32, "seed": 1}
+    plain = R.build_train_loader(folder, tmp_path / "classes.txt", cache=False, **kw)
+    fast = R.build_train_loader(folder, tmp_path / "classes.txt", cache=True, cache_dir=tmp_path / "c", **kw)
+    assert isinstance(fast.dataset, CachedImageFolder) and fast.dataset.augment["decoded_once"]
+    torch.manual_seed(0)
+    a = list(plain)
+    torch.manual_seed(0)
+    b = list(fast)
+    assert len(a) == len(b) == 2
+    for (xa, ya), (xb, yb) in zip(a, b, strict=True):
+        assert torch.equal(ya, yb) and (xa - xb).abs().max().item() < 1e-4

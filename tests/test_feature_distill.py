@@ -258,6 +258,8 @@ def test_cli_finetune_feature_flags(tmp_path, capsys):
     base += ["--img-size", "32", "--steps", "2", "--batch-size", "3", "--no-progress", "--threads", "1"]
     assert main([*base, "--feature-distill", "1.0", "--out", str(tmp_path / "bad")]) == 2
     assert "--feature-block-map" in capsys.readouterr().err
+    assert main([*base, "--feature-distill", "1", "--feature-blocks", "first-2", "--out", str(tmp_path / "b2")]) == 2
+    assert "feature blocks" in capsys.readouterr().err
     flags = ["--feature-distill", "0.5", "--feature-blocks", "last-1", "--feature-block-map", "0,2"]
     assert main([*base, *flags, "--teacher-amp", "bf16", "--out", str(tmp_path / "run")]) == 0
     training = json.loads((tmp_path / "run" / "model" / "meta.json").read_text())["training"]

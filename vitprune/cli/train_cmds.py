@@ -295,14 +295,14 @@ def _feature_kwargs(args: argparse.Namespace, teacher) -> dict[str, Any]:
         raise VitPruneError(f"--feature-distill must be non-negative, got {args.feature_distill}")
     if args.feature_distill > 0 and teacher is None:
         raise VitPruneError("--feature-distill needs --teacher")
-    blocks: str | list[int] = args.feature_blocks
-    if blocks.strip().lower() != "all" and not blocks.strip().lower().startswith("last-"):
-        blocks = _int_list(blocks)
     out: dict[str, Any] = {}
     if args.feature_distill > 0:
+        from vitprune.training.features import parse_feature_blocks
+
+        parse_feature_blocks(args.feature_blocks, 10**6)  # the syntax; the range is checked against the student
         out = {
             "feature_weight": args.feature_distill,
-            "feature_blocks": blocks,
+            "feature_blocks": args.feature_blocks.strip().lower(),
             "feature_block_map": args.feature_block_map,
             "feature_norm": args.feature_norm,
         }

@@ -17,6 +17,11 @@ Extension points for pruners:
   and the optimizer step (for gradient statistics such as NViT's saliency).
 - ``regularizer``: ``regularizer(model) -> Tensor`` added to the loss (e.g. VTP's L1 on gates).
 
+With a teacher, the teacher runs under ``torch.inference_mode()`` (in ``teacher_amp`` precision when set) and
+``feature_weight > 0`` adds feature distillation (:mod:`vitprune.training.features`): the MSE between the
+student's and the teacher's residual streams after ``feature_blocks``, mapped through ``feature_block_map`` /
+``feature_emb_index`` for students with fewer blocks or channels. Every default keeps the plain loss.
+
 Data order: a loader with a random/sequential/distributed sampler is rebuilt with a
 :class:`~vitprune.training.sampler.EpochSampler` (order = f(seed, epoch), sharded by rank under torchrun), so
 a resume skips the consumed batches without loading them. The loader's ``batch_size`` is per process.
