@@ -149,6 +149,9 @@ class CachedImageFolder(Dataset):
         self.cache_path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(self.cache_path, overwrite=True) as tmp:
             save_file({"images": images, "labels": labels}, str(tmp), metadata=meta)
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # safetensors writes a private file; the cache may be shared
         for old in self.cache_path.parent.glob(f"{self._prefix}*.safetensors"):  # stale versions of this folder
             if old != self.cache_path:
                 old.unlink(missing_ok=True)
