@@ -26,7 +26,7 @@ from _common import shared_data, shared_model
 from torch import nn
 from torch.utils.data import DataLoader
 
-from vitprune.data import ImageFolderDataset, make_loader
+from vitprune.data import CachedImageFolder, CachedTrainTransform, ImageFolderDataset, make_loader
 from vitprune.data.transforms import HALF
 from vitprune.errors import VitPruneError
 from vitprune.training import TrainConfig, Trainer, WeightMasks
@@ -58,19 +58,31 @@ def build_train_loader(
     std: Sequence[float] = HALF,
     limit_per_class: int | None = None,
     seed: int = 0,
+    cache: bool | None = None,
+    cache_dir: str | os.PathLike | None = None,
 ) -> DataLoader:
     """Shuffled, augmented loader of the shared train split (labels through the model's ``classes.txt``).
 
     Per image: random resized crop (area ``crop_scale``, aspect 3/4..4/3, bilinear) to ``img_size``, horizontal
     flip with probability ``hflip``, then ``(x - mean) / std`` (the shared model's mean = std = 0.5). Batches
     are full (``drop_last``), so ``images_seen = steps * batch_size`` exactly.
+
+    ``cache`` (default: on for the shared train split, i.e. when ``root`` is None): the images are decoded once
+    into a uint8 tensor file (:class:`CachedImageFolder`, in ``cache_dir`` or ``$VITPRUNE_CACHE_DIR`` /
+    ``~/.cache/vitprune/images``) and augmented on tensors with the same random draws (outputs equal the PIL
+    path's to float rounding); ``cache=False`` decodes the files for every sample.
     """
+    cache = root is None if cache is None else cache
     root = Path(root) if root is not None else shared_data() / "train"
     classes_file = Path(classes_file) if classes_file is not None else shared_model() / "classes.txt"
-    transform = build_train_transform(
-        img_size, mean=mean, std=std, scale=tuple(crop_scale), hflip=hflip, randaugment=None
-    )
-    ds = ImageFolderDataset(root, transform, classes_file, limit_per_class)
+    if cache:
+        tensor_tf = CachedTrainTransform(img_size, tuple(crop_scale), hflip=hflip, mean=mean, std=std)
+        ds = CachedImageFolder(root, tensor_tf, classes_file, limit_per_class, cache_dir=cache_dir)
+    else:
+        transform = build_train_transform(
+            img_size, mean=mean, std=std, scale=tuple(crop_scale), hflip=hflip, randaugment=None
+        )
+        ds = ImageFolderDataset(root, transform, classes_file, limit_per_class)
     ds.augment = {  # recorded by recover()
         "random_resized_crop": {"size": img_size, "scale": list(crop_scale), "ratio": [3 / 4, 4 / 3]},
         "hflip": hflip,
@@ -78,6 +90,7 @@ def build_train_loader(
         "std": list(std),
         "data": str(root),
         "images": len(ds),
+        "decoded_once": bool(cache),
     }
     if len(ds) < batch_size:
         raise VitPruneError(f"training set {root} has {len(ds)} images, fewer than one batch of {batch_size}")
@@ -147,11 +160,21 @@ def recover(
     seed: int = 0,
     device: str = "cpu",
     progress: bool = False,
+    amp: str = "none",
+    teacher_amp: str | None = None,
+    feature_weight: float = 0.0,
+    feature_blocks: str | list[int] = "all",
+    feature_block_map: list[int] | None = None,
+    feature_emb_index: Sequence[int] | torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """Distil ``teacher`` into ``student`` (in place) within the fixed budget; returns what was consumed.
 
     ``masks`` (unstructured pruning) are held exactly at zero by the engine. ``out_dir`` keeps the engine's
-    metrics, checkpoint and final model. Returns ``{"images_seen", "minutes", "steps", "stopped_by"
+    metrics, checkpoint and final model. ``amp`` / ``teacher_amp`` set the student's / teacher's precision
+    (``teacher_amp="bf16"`` runs only the teacher in bf16: AMX on recent Xeons, see
+    ``benchmarks/recovery_throughput.py``); ``feature_weight > 0`` adds feature distillation
+    (:mod:`vitprune.training.features`, maps as in :class:`TrainConfig`).
+    Returns ``{"images_seen", "minutes", "steps", "stopped_by"
     ("images" | "minutes"), "budget_images", "budget_minutes", "batch_size", "images_per_s", "final_loss",
     "hyper": {...}}``.
     """
@@ -175,6 +198,12 @@ def recover(
         grad_clip=grad_clip,
         distill_alpha=1.0,
         distill_temperature=temperature,
+        amp=amp,
+        teacher_amp=teacher_amp,
+        feature_weight=feature_weight,
+        feature_blocks=feature_blocks,
+        feature_block_map=feature_block_map,
+        feature_emb_index=feature_emb_index,
         seed=seed,
         log_every=max(1, steps // 50),
         progress=progress,
@@ -218,7 +247,10 @@ def recover(
             "warmup_frac": warmup_frac,
             "schedule": "linear warm-up + cosine over max(images, minutes) budget progress",
             "grad_clip": grad_clip,
-            "loss": f"distillation alpha=1, T={temperature} (no labels)",
+            "loss": f"distillation alpha=1, T={temperature} (no labels)"
+            + (f" + {feature_weight} x feature MSE/var on blocks {feature_blocks}" if feature_weight > 0 else ""),
+            "amp": amp,
+            "teacher_amp": teacher_amp,
             "seed": seed,
             "torch_threads": torch.get_num_threads(),
         },

@@ -327,6 +327,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
             print(f"before fine-tuning: top-1 {before['top1']:.2f} %")
     sampler = LoadSampler(every=max(args.log_every, 1))
     extra = {"distill_alpha": args.distill_alpha, "distill_temperature": args.distill_temperature}
+    extra.update(_feature_kwargs(args, teacher))
     config = config_from_args(args, **extra)
     _record_run(args, fingerprint)
     trainer = Trainer(
@@ -369,6 +370,35 @@ def _check_classes_file(classes: str | None, num_classes: int) -> None:
         raise VitPruneError(f"the classes file {classes} lists {n} classes but the model has {num_classes}")
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _feature_kwargs(args: argparse.Namespace, teacher) -> dict[str, Any]:
+    """TrainConfig fields of the feature-distillation and teacher-precision flags."""
+    if args.feature_distill < 0:
+        raise VitPruneError(f"--feature-distill must be non-negative, got {args.feature_distill}")
+    if args.feature_distill > 0 and teacher is None:
+        raise VitPruneError("--feature-distill needs --teacher")
+    out: dict[str, Any] = {}
+    if args.feature_distill > 0:
+        from vitprune.training.features import parse_feature_blocks
+
+        parse_feature_blocks(args.feature_blocks, 10**6)  # the syntax; the range is checked against the student
+        out = {
+            "feature_weight": args.feature_distill,
+            "feature_blocks": args.feature_blocks.strip().lower(),
+            "feature_block_map": args.feature_block_map,
+            "feature_norm": args.feature_norm,
+        }
+    if args.teacher_amp is not None:
+        out["teacher_amp"] = args.teacher_amp
+    return out
+
+
 def register_finetune(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "finetune",
@@ -388,6 +418,32 @@ def register_finetune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--skip-eval-before", action="store_true", help="do not evaluate before fine-tuning")
     p.add_argument("--distill-alpha", type=A.probability, default=1.0, help="weight of the distillation term")
     p.add_argument("--distill-temperature", type=A.positive_float, default=1.0)
+    f = p.add_argument_group("feature distillation (residual stream after each chosen block, see docs)")
+    f.add_argument(
+        "--feature-distill",
+        type=A.nonneg_float,
+        default=0.0,
+        metavar="WEIGHT",
+        help="weight of the feature loss; 0: off",
+    )
+    f.add_argument(
+        "--feature-blocks", default="all", help="student blocks to match: all, last-K, or indices like 0,5,11"
+    )
+    f.add_argument(
+        "--feature-block-map",
+        type=_int_list,
+        default=None,
+        metavar="I,J,...",
+        help="teacher block of each student block (default: the student's config.extra['kept_blocks'], "
+        "else identity when the depths agree)",
+    )
+    f.add_argument("--feature-norm", choices=("var", "none"), default="var", help="MSE / teacher variance, or MSE")
+    f.add_argument(
+        "--teacher-amp",
+        choices=("none", "bf16", "fp16"),
+        default=None,
+        help="the teacher's precision (default: as --amp); bf16 uses AMX/tensor cores for the teacher only",
+    )
     add_training_args(p, FINETUNE_DEFAULTS)
     p.set_defaults(func=cmd_finetune)
 

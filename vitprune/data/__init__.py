@@ -1,6 +1,15 @@
 """Datasets, preprocessing and loaders."""
 
+from vitprune.data.cached import CachedImageFolder, CachedTrainTransform
 from vitprune.data.imagefolder import ImageFolderDataset, make_loader, read_classes_file
 from vitprune.data.transforms import build_eval_transform, eval_transform_for
 
-__all__ = ["ImageFolderDataset", "build_eval_transform", "eval_transform_for", "make_loader", "read_classes_file"]
+__all__ = [
+    "CachedImageFolder",
+    "CachedTrainTransform",
+    "ImageFolderDataset",
+    "build_eval_transform",
+    "eval_transform_for",
+    "make_loader",
+    "read_classes_file",
+]

@@ -17,6 +17,11 @@ Extension points for pruners:
   and the optimizer step (for gradient statistics such as NViT's saliency).
 - ``regularizer``: ``regularizer(model) -> Tensor`` added to the loss (e.g. VTP's L1 on gates).
 
+With a teacher, the teacher runs under ``torch.inference_mode()`` (in ``teacher_amp`` precision when set) and
+``feature_weight > 0`` adds feature distillation (:mod:`vitprune.training.features`): the MSE between the
+student's and the teacher's residual streams after ``feature_blocks``, mapped through ``feature_block_map`` /
+``feature_emb_index`` for students with fewer blocks or channels. Every default keeps the plain loss.
+
 Data order: a loader with a random/sequential/distributed sampler is rebuilt with a
 :class:`~vitprune.training.sampler.EpochSampler` (order = f(seed, epoch), sharded by rank under torchrun), so
 a resume skips the consumed batches without loading them. The loader's ``batch_size`` is per process.
@@ -55,6 +60,7 @@ from vitprune.training.checkpoint import (
     save_checkpoint,
     seed_everything,
 )
+from vitprune.training.features import FeatureDistillation
 from vitprune.training.losses import DistillationLoss
 from vitprune.training.masks import WeightMasks
 from vitprune.training.sampler import EpochSampler
@@ -65,6 +71,15 @@ SUMMARY_NAME = "summary.json"
 MODEL_DIRNAME = "model"
 # Keys that do not change the trained weights: a resume may change them freely.
 RUNTIME_KEYS = ("ckpt_every", "log_every", "eval_every", "progress", "resume", "overwrite", "tensorboard")
+# Keys added after checkpoints were first written: a checkpoint without them had their defaults.
+ADDED_KEYS = (
+    "feature_weight",
+    "feature_blocks",
+    "feature_block_map",
+    "feature_emb_index",
+    "feature_norm",
+    "teacher_amp",
+)
 NO_DECAY_NAMES = ("cls_token", "dist_token", "pos_embed", *GATE_NAMES)
 
 
@@ -98,9 +113,28 @@ class TrainConfig:
     resume: bool = False
     overwrite: bool = False
     tensorboard: bool = True  # write TensorBoard events when the package is installed
+    # feature distillation (vitprune.training.features); weight 0 disables it
+    feature_weight: float = 0.0
+    feature_blocks: str | list[int] = "all"  # "all" | "last-k" | student block indices
+    feature_block_map: list[int] | None = None  # teacher block of each student block (None: derived)
+    feature_emb_index: list[int] | None = None  # teacher channel of each student channel (None: derived)
+    feature_norm: str = "var"  # "var": MSE / teacher feature variance; "none": plain MSE
+    teacher_amp: str | None = None  # None: as ``amp``; "none" | "bf16" | "fp16": the teacher's own precision
 
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
+        if isinstance(self.feature_blocks, (list, tuple)):
+            self.feature_blocks = [int(b) for b in self.feature_blocks]
+        for name in ("feature_block_map", "feature_emb_index"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, [int(v) for v in (value.tolist() if isinstance(value, Tensor) else value)])
+        if self.feature_weight < 0:
+            raise VitPruneError(f"feature_weight must be non-negative, got {self.feature_weight}")
+        if self.feature_norm not in ("var", "none"):
+            raise VitPruneError(f"feature_norm must be 'var' or 'none', got {self.feature_norm!r}")
+        if self.teacher_amp not in (None, "none", "bf16", "fp16"):
+            raise VitPruneError(f"teacher_amp must be None, 'none', 'bf16' or 'fp16', got {self.teacher_amp!r}")
         if self.steps is None and self.epochs is None:
             raise VitPruneError("give the number of training steps or epochs")
         if self.steps is not None and self.steps <= 0:
@@ -208,6 +242,10 @@ class Trainer:
             temperature=config.distill_temperature,
             label_smoothing=config.label_smoothing,
         )
+        if config.feature_weight > 0 and teacher is None:
+            raise VitPruneError("feature distillation (feature_weight > 0) needs a teacher")
+        self.features: FeatureDistillation | None = None  # built in _setup when feature_weight > 0
+        self.last_feature_loss: float | None = None
         self.extra_state: dict[str, Any] = {}
         self.should_stop = False
         self.step = 0
@@ -258,6 +296,23 @@ class Trainer:
             raise VitPruneError("amp 'fp16' needs a CUDA device; use 'bf16' on CPU")
         dtype = torch.float16 if amp == "fp16" else torch.bfloat16
         return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    @contextlib.contextmanager
+    def _teacher_mode(self):
+        """The teacher's forward: no autograd at all (inference mode), in its own precision if ``teacher_amp``."""
+        amp = self.config.teacher_amp
+        with torch.inference_mode():
+            if amp is None:
+                yield
+            elif amp == "none":
+                with torch.autocast(device_type=self.device.type, enabled=False):
+                    yield
+            else:
+                if amp == "fp16" and self.device.type != "cuda":
+                    raise VitPruneError("teacher_amp 'fp16' needs a CUDA device; use 'bf16' on CPU")
+                dtype = torch.float16 if amp == "fp16" else torch.bfloat16
+                with torch.autocast(device_type=self.device.type, dtype=dtype):
+                    yield
 
     def _num_classes(self) -> int:
         cfg = getattr(self.model, "config", None)
@@ -394,7 +449,8 @@ class Trainer:
         D.barrier()
 
     def _restore_model(self, state: dict[str, Any]) -> None:
-        diff = config_differences(state["config"], self.config.to_dict(), RUNTIME_KEYS)
+        defaults = {f.name: f.default for f in fields(TrainConfig) if f.name in ADDED_KEYS}
+        diff = config_differences({**defaults, **state["config"]}, self.config.to_dict(), RUNTIME_KEYS)
         if diff:
             raise VitPruneError(f"cannot resume from {self.out_dir}: training config differs in {', '.join(diff)}")
         modules = dict(self.model.named_modules())
@@ -514,13 +570,19 @@ class Trainer:
                 raise VitPruneError("mixup/cutmix needs labels")
             x, y = self._mixer(x, y)
         self.optimizer.zero_grad(set_to_none=True)
+        fd = self.features
         with self._autocast():
-            out = self.ddp_model(x)
+            with fd.capture_student(self.model) if fd is not None else contextlib.nullcontext() as s_feats:
+                out = self.ddp_model(x)
             t_out = None
-            if self.teacher is not None and self.criterion.alpha > 0:
-                with torch.no_grad():
+            if self.teacher is not None and (self.criterion.alpha > 0 or fd is not None):
+                with self._teacher_mode(), fd.capture_teacher(self.teacher) if fd else contextlib.nullcontext() as t_f:
                     t_out = self.teacher(x)
-            loss = self.criterion(out, y, t_out)
+            loss = self.criterion(out, y, t_out if self.criterion.alpha > 0 else None)
+            if fd is not None:
+                f_loss = fd.loss(self.model, s_feats, t_f)
+                self.last_feature_loss = float(f_loss.detach())
+                loss = loss + self.config.feature_weight * f_loss
             if self.regularizer is not None:
                 loss = loss + self.regularizer(self.model)
         reduced = D.all_reduce_mean_(loss.detach().float().clone())
@@ -559,6 +621,15 @@ class Trainer:
         self.model.to(self.device)
         if self.teacher is not None:
             self.teacher.to(self.device).eval().requires_grad_(False)
+        if cfg.feature_weight > 0:
+            self.features = FeatureDistillation(
+                self.model,
+                self.teacher,
+                cfg.feature_blocks,
+                cfg.feature_block_map,
+                cfg.feature_emb_index,
+                cfg.feature_norm,
+            )
         if self._masks is not None:
             self._masks.apply(self.model)
         state = self._prepare_out_dir()
@@ -644,6 +715,8 @@ class Trainer:
                             "img_per_s": round(bs * window_n / dt, 1) if dt > 0 else None,
                             "elapsed_s": round(self._train_time_s, 2),
                         }
+                        if self.features is not None:
+                            rec["feature_loss"] = self.last_feature_loss
                         self._log(rec)
                         bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}")
                         window_loss, window_n, window_t0 = 0.0, 0, time.perf_counter()
