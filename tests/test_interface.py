@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 import torch
@@ -116,7 +116,7 @@ def test_structural_result_masks_describe_the_pruned_model(tiny_model, method):
     """For methods that do not train the weights, the masked dense model computes what the result computes."""
     res = pruners.create(method, target_macs=0.6, progress=False).prune(tiny_model, _batches(tiny_model))
     assert isinstance(res, PruneResult) and res.kind == "structural"
-    assert res.model.config == architecture_after(tiny_model.config, res.masks)
+    assert replace(res.model.config, extra={}) == architecture_after(tiny_model.config, res.masks)
     masked = apply_masks(copy.deepcopy(tiny_model), res.masks).eval()
     x = _batches(tiny_model, n=1, seed=3)[0][0]
     with torch.no_grad():
@@ -158,3 +158,16 @@ def test_pipeline_nvit_then_obs_with_recovery_after_each(tmp_path):
     assert report["targets"]["0.50"]["stages"][0]["method"] == "nvit"
     with pytest.raises(VitPruneError, match="only the last stage may be one"):
         vitprune.prune(dense, [("obs", {"sparsity": (0.3, 0.5), "num_grads": 8, "block_size": 16}), stages[0]], data)
+
+
+def test_structural_recovery_with_feature_distillation_through_the_recorded_map(tiny_model):
+    """The pruned model records which teacher block / channel each of its own is; fine-tuning with feature
+    distillation uses that map (here with a block and embedding channels removed)."""
+    res = pruners.create(
+        "nvit", target_macs=0.5, kinds=("block", "emb", "mlp"), chunks={"emb": 8}, prune_steps=2, batches_per_step=1,
+        finetune_steps=2, feature_weight=1.0, progress=False,
+    ).prune(tiny_model, _batches(tiny_model))  # fmt: skip
+    extra = res.model.config.extra
+    assert extra["kept_blocks"] == [b for b, bm in enumerate(res.masks.blocks) if bm.keep]
+    assert extra["emb_index"] == torch.nonzero(res.masks.emb).flatten().tolist()
+    assert res.report["finetune"]["steps"] == 2 and res.report["settings"]["feature_weight"] == 1.0

@@ -70,7 +70,11 @@ def test_structural_methods_unchanged(case, recorded, setup):
     dense, teacher, loader, _, probe = setup
     method, settings = STRUCTURAL[case]
     result = pruners.create(method, **settings, **COMMON).prune(dense, loader, teacher=teacher)
-    assert result.model.config.to_dict() == meta[case]["config"]
+    config = result.model.config.to_dict()
+    assert {k: v for k, v in config.items() if k != "extra"} == {
+        k: v for k, v in meta[case]["config"].items() if k != "extra"
+    }
+    assert config["extra"]["kept_blocks"] == [b for b, bm in enumerate(result.masks.blocks) if bm.keep]  # new: the map
     if case.startswith("nvit"):  # NViT recorded the counts of its selection (before rounding)
         assert result.report["selected"] == meta[case]["masks"]
     else:  # VTP and L2 recorded their (rounded) masks

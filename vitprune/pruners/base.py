@@ -131,6 +131,14 @@ class PrunerConfig:
     distill_alpha: float = setting(1.0, low=0.0, high=1.0, help="weight of distillation vs labels (1: no labels)")
     distill_temperature: float = setting(1.0, low=0.0, low_open=True, help="distillation temperature")
     label_smoothing: float = setting(0.0, low=0.0, high=1.0, high_open=True, help="label smoothing")
+    feature_weight: float = setting(
+        0.0, low=0.0, flag="feature-distill", help="weight of residual-stream feature distillation in training (0: off)"
+    )
+    feature_blocks: str = setting("all", help="student blocks whose outputs are matched: all, last-K or 0,5,11")
+    feature_norm: str = setting("var", choices=("var", "none"), help="feature MSE / teacher variance, or plain MSE")
+    teacher_amp: str | None = setting(
+        None, kind="str", nullable=True, choices=("none", "bf16", "fp16"), help="teacher precision (default: --amp)"
+    )
     seed: int = setting(0, low=0, help="seed of scoring, sampling and training order")
     ckpt_every: int = setting(200, low=0, help="training checkpoint every N steps (resumable)")
     log_every: int = setting(50, low=0, help="training log line every N steps (0: off)")
@@ -165,6 +173,10 @@ class PrunerConfig:
             distill_alpha=self.distill_alpha,
             distill_temperature=self.distill_temperature,
             label_smoothing=self.label_smoothing,
+            feature_weight=self.feature_weight,
+            feature_blocks=self.feature_blocks,
+            feature_norm=self.feature_norm,
+            teacher_amp=self.teacher_amp,
             seed=self.seed,
             ckpt_every=ckpt_every,
             log_every=self.log_every,

@@ -339,6 +339,7 @@ class StructuralPruner(Pruner):
         final, rounding = resolve_masks(student, masks, cfg.round_to, scores)
         apply_masks(student, final)  # units brought back by rounding are gated on again
         small = prune_model(student, final).to(run.device)
+        _record_map(model, small, final)  # which teacher block / channel each student one is (feature distillation)
         report["rounding"] = rounding
         report |= self.after_surgery(small, fold_state)
         if run.eval_fn is not None:
@@ -385,6 +386,21 @@ class StructuralPruner(Pruner):
         if lut is not None:
             rec["latency_pred_fraction"] = lut.predict(arch) / lut.predict(dense)
         return rec
+
+
+def _record_map(model: ViT, small: ViT, final: Any) -> None:
+    """Store in ``small.config.extra`` the teacher block of every kept block and the teacher channel of every kept
+    embedding channel, composed with the input model's own map when it was pruned before (a pipeline)."""
+    from vitprune.training.features import feature_map_from_masks, record_feature_map
+
+    fmap = feature_map_from_masks(final)
+    before_blocks = model.config.extra.get("kept_blocks")
+    before_emb = model.config.extra.get("emb_index")
+    if before_blocks is not None:
+        fmap.block_map = [int(before_blocks[b]) for b in fmap.block_map]
+    if before_emb is not None and fmap.emb_index is not None:
+        fmap.emb_index = torch.as_tensor(before_emb)[fmap.emb_index]
+    record_feature_map(small, fmap)
 
 
 def _kind(key: str) -> str:
