@@ -143,32 +143,27 @@ class BudgetSchedule:
         self._set_lr(trainer, self.progress(step))  # what the engine logs for this step
 
 
+RECOVERY_KEYS = ("lr", "min_lr", "weight_decay", "warmup_frac", "grad_clip", "temperature", "amp", "teacher_amp",
+                 "feature_weight", "feature_blocks", "feature_block_map", "feature_emb_index")  # fmt: skip
+
+
 def recover(
     student: nn.Module,
     teacher: nn.Module,
     train_loader: DataLoader,
     budget_images: int,
     budget_minutes: float | None = None,
-    lr: float = DEFAULTS["lr"],
-    min_lr: float = DEFAULTS["min_lr"],
-    weight_decay: float = DEFAULTS["weight_decay"],
-    warmup_frac: float = DEFAULTS["warmup_frac"],
-    grad_clip: float = DEFAULTS["grad_clip"],
-    temperature: float = DEFAULTS["temperature"],
+    *,
     masks: WeightMasks | None = None,
     out_dir: str | os.PathLike | None = None,
     seed: int = 0,
     device: str = "cpu",
     progress: bool = False,
-    amp: str = "none",
-    teacher_amp: str | None = None,
-    feature_weight: float = 0.0,
-    feature_blocks: str | list[int] = "all",
-    feature_block_map: list[int] | None = None,
-    feature_emb_index: Sequence[int] | torch.Tensor | None = None,
+    **recipe: Any,
 ) -> dict[str, Any]:
     """Distil ``teacher`` into ``student`` (in place) within the fixed budget; returns what was consumed.
 
+    ``recipe``: any of :data:`RECOVERY_KEYS` (defaults: :data:`DEFAULTS`; ``amp="none"``, no feature loss).
     ``masks`` (unstructured pruning) are held exactly at zero by the engine. ``out_dir`` keeps the engine's
     metrics, checkpoint and final model. ``amp`` / ``teacher_amp`` set the student's / teacher's precision
     (``teacher_amp="bf16"`` runs only the teacher in bf16: AMX on recent Xeons, see
@@ -178,6 +173,13 @@ def recover(
     ("images" | "minutes"), "budget_images", "budget_minutes", "batch_size", "images_per_s", "final_loss",
     "hyper": {...}}``.
     """
+    unknown = sorted(set(recipe) - set(RECOVERY_KEYS))
+    if unknown:
+        raise VitPruneError(f"unknown recovery settings: {', '.join(unknown)}")
+    r = {"amp": "none", "teacher_amp": None, "feature_weight": 0.0, "feature_blocks": "all"}
+    r |= {"feature_block_map": None, "feature_emb_index": None}
+    r |= {k: DEFAULTS[k] for k in RECOVERY_KEYS if k in DEFAULTS} | recipe
+    lr, min_lr, warmup_frac, feature_weight = r["lr"], r["min_lr"], r["warmup_frac"], r["feature_weight"]
     if budget_images <= 0:
         raise VitPruneError(f"budget_images must be positive, got {budget_images}")
     if budget_minutes is not None and budget_minutes <= 0:
@@ -188,23 +190,18 @@ def recover(
     if not batch_size:
         raise VitPruneError("the training loader needs a fixed batch_size")
     steps = max(1, budget_images // batch_size)
+    passed = ("weight_decay", "grad_clip", "amp", "teacher_amp", "feature_weight", "feature_blocks")
+    passed += ("feature_block_map", "feature_emb_index")
     config = TrainConfig(
         steps=steps,
         batch_size=batch_size,
         lr=lr,
         min_lr=min(min_lr, lr),
-        weight_decay=weight_decay,
         warmup_steps=0,
-        grad_clip=grad_clip,
         distill_alpha=1.0,
-        distill_temperature=temperature,
-        amp=amp,
-        teacher_amp=teacher_amp,
-        feature_weight=feature_weight,
-        feature_blocks=feature_blocks,
-        feature_block_map=feature_block_map,
-        feature_emb_index=feature_emb_index,
+        distill_temperature=r["temperature"],
         seed=seed,
+        **{k: r[k] for k in passed},
         log_every=max(1, steps // 50),
         progress=progress,
         overwrite=True,
@@ -243,14 +240,14 @@ def recover(
             "optimizer": "AdamW",
             "lr": lr,
             "min_lr": min_lr,
-            "weight_decay": weight_decay,
+            "weight_decay": r["weight_decay"],
             "warmup_frac": warmup_frac,
             "schedule": "linear warm-up + cosine over max(images, minutes) budget progress",
-            "grad_clip": grad_clip,
-            "loss": f"distillation alpha=1, T={temperature} (no labels)"
-            + (f" + {feature_weight} x feature MSE/var on blocks {feature_blocks}" if feature_weight > 0 else ""),
-            "amp": amp,
-            "teacher_amp": teacher_amp,
+            "grad_clip": r["grad_clip"],
+            "loss": f"distillation alpha=1, T={r['temperature']} (no labels)"
+            + (f" + {feature_weight} x feature MSE/var on blocks {r['feature_blocks']}" if feature_weight > 0 else ""),
+            "amp": r["amp"],
+            "teacher_amp": r["teacher_amp"],
             "seed": seed,
             "torch_threads": torch.get_num_threads(),
         },
