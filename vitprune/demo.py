@@ -337,7 +337,7 @@ class Demo:
 
     def run(self) -> dict[str, Any]:
         cfg, clock, log = self.cfg, self.clock, self.log
-        from vitprune.training.runinfo import loadavg, machine_info, utc_now
+        from vitprune.training.runinfo import git_commit, loadavg, machine_info, utc_now
 
         load_start = loadavg()
         log(
@@ -388,6 +388,7 @@ class Demo:
             "loadavg_start": load_start,
             "loadavg_end": loadavg(),
             "date": utc_now(),
+            "git_commit": git_commit(Path(__file__).resolve().parent),  # "unknown" outside a checkout
         }
 
 
@@ -607,7 +608,8 @@ def report_markdown(report: dict[str, Any]) -> str:
         f"- machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} (threads {m['torch_threads']}), "
         f"Python {m['python']}; load average at start {report['loadavg_start']}, at end {report['loadavg_end']} "
         "(other processes competing for the CPU inflate the wall times, not the CPU times).",
-        f"- command: `{report.get('command', 'vitprune demo')}`; date (UTC): {report['date']}.",
+        f"- command: `{report.get('command', 'vitprune demo')}`; date (UTC): {report['date']}; "
+        f"vitprune commit: {report.get('git_commit', 'unknown')}.",
         "- models: `models/<method>/` (vitprune model directories: `vitprune eval` / `vitprune bench` them).",
         "",
     ]
