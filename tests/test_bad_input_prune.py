@@ -245,13 +245,13 @@ CASES = [
     (
         "nvit-out-foreign",
         lambda w, c, r: nvit(w, _foreign_dir(c), "--target-macs", "0.5", "--overwrite"),
-        "not a vitprune run directory",
+        "is not a vitprune run directory",
     ),
     ("nvit-out-exists", lambda w, c, r: nvit(w, _copy(r, c / "run"), "--target-macs", "0.8"), "use --overwrite"),
     (
         "nvit-resume-nothing",
         lambda w, c, r: nvit(w, c / "o", "--target-macs", "0.5", "--resume"),
-        "nothing to resume",
+        "it does not exist (drop --resume",
     ),
     # ---- resume under a changed set-up
     (

@@ -347,9 +347,9 @@ def test_unreachable_target_fails_before_training_or_writing(micro_model, tmp_pa
     assert ds.reads == 0 and not (tmp_path / "run").exists()
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "keep.txt").write_text("x")
-    with pytest.raises(VitPruneError, match="not a vitprune run directory"):
+    with pytest.raises(VitPruneError, match="is not a vitprune run directory"):
         vitprune.prune(micro_model, "vtp", _loader(ds), out=tmp_path / "old", overwrite=True, target_macs=0.7, **SMALL)
-    with pytest.raises(VitPruneError, match="nothing to resume"):
+    with pytest.raises(VitPruneError, match=r"cannot resume .* it does not exist"):
         vitprune.prune(micro_model, "vtp", _loader(ds), out=tmp_path / "none", resume=True, target_macs=0.7, **SMALL)
     assert ds.reads == 0 and (tmp_path / "old" / "keep.txt").read_text() == "x"
 

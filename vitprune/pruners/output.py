@@ -62,28 +62,17 @@ def prepare_run_dir(out_dir: str | os.PathLike, *, overwrite: bool = False, resu
     """
     import shutil
 
-    from vitprune.utils.fs import check_parent, remove_stale_temps
+    from vitprune.utils.fs import check_output, remove_stale_temps
 
-    out = Path(out_dir)
-    check_parent(out)
-    if out.exists() and not out.is_dir():
-        raise VitPruneError(f"--out {out} is a file, not a run directory")
-    busy = out.is_dir() and any(out.iterdir())
-    if resume:
-        if not is_run_dir(out):
-            raise VitPruneError(f"nothing to resume: {out} holds no pruning run")
+    out = check_output(out_dir, "run_dir", overwrite=overwrite, resume=resume, is_run_dir=is_run_dir)  # the one check
+    if out.is_dir():
         remove_stale_temps(out)  # a write killed midway leaves a temporary sibling
+    if resume or not out.is_dir():
         return out
-    if busy:
-        if not is_run_dir(out):
-            raise VitPruneError(f"--out {out} exists and is not a vitprune run directory: choose another --out")
-        if not overwrite:
-            raise VitPruneError(f"output exists: {out} (use --overwrite to replace it or --resume to continue it)")
-        remove_stale_temps(out)
-        for child in out.iterdir():
-            sweep = child.name.startswith("s0.") and child.is_dir()
-            if child.name in RUN_MARKERS or sweep or child.name == "dims.png":
-                shutil.rmtree(child) if child.is_dir() else child.unlink()
+    for child in out.iterdir():  # --overwrite: a previous run's files go, nothing else
+        sweep = child.name.startswith("s0.") and child.is_dir()
+        if child.name in RUN_MARKERS or sweep or child.name == "dims.png":
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
     return out
 
 
