@@ -278,6 +278,7 @@ def test_reconstruction_scores_match_group_costs(tiny_model):
     masks = M.StructuralMasks.all_kept(dense.config)
     masks.blocks[0].mlp[:5] = False
     masks.blocks[0].v[1] = False
+    masks.emb[:3] = False  # removed channels are not compared
     M.apply_masks(dense, masks)  # scores of the masked model: removed units 0, costs relative to the kept ones
     calib = _batches(2)
     scores = R.reconstruction_scores(dense, calib, num_images=16, damping=0.0)
@@ -307,7 +308,7 @@ def test_reconstruction_scores_match_group_costs(tiny_model):
         ("proj", dense.blocks[0].attn.proj, ("heads", 2), proj_cols(cfg, heads=torch.tensor([2])), None),
     ):
         xa = R.augment(torch.cat(got[leaf]))
-        y = xa @ R._weight_aug(lin).T
+        y = xa @ R._weight_aug(lin, torch.arange(3, 32)).T
         if kept is None:
             kept = torch.ones(xa.shape[1], dtype=torch.bool)
             kept[proj_cols(cfg, dims=torch.tensor([1]))] = False

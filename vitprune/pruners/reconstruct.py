@@ -664,7 +664,11 @@ def reconstruct_unstructured(
     """
     _check_target(target, UNSTRUCTURED_TARGETS)
     dev = _device_of(sparse, device)
-    if dense.config.to_dict() != sparse.config.to_dict():
+
+    def arch(c) -> list:
+        return [c.embed_dim] + [(b.heads, b.qk_dim, b.v_dim, b.mlp_dim) for b in c.blocks]
+
+    if arch(dense.config) != arch(sparse.config):
         raise VitPruneError("unstructured reconstruction needs the dense and sparse models to share one architecture")
     mods_d, mods_s = dict(dense.named_modules()), dict(sparse.named_modules())
     fits_by_block: dict[int, list[_Fit]] = {}
@@ -765,6 +769,7 @@ def reconstruction_scores(
     finally:
         model.train(was)
     mods = dict(model.named_modules())
+    e = torch.nonzero(masks.emb).flatten().to(dev)  # removed embedding channels are not compared
     out: dict[str, Tensor] = {}
     for b, (cfg, bm) in enumerate(zip(model.config.blocks, masks.blocks, strict=True)):
         sizes = {"heads": cfg.heads, "v": cfg.v_dim, "mlp": cfg.mlp_dim}
@@ -777,7 +782,7 @@ def reconstruction_scores(
             keep = torch.zeros(proj.gram.shape[0], dtype=torch.bool)
             keep[proj_cols(cfg, torch.nonzero(bm.heads).flatten(), torch.nonzero(bm.v).flatten())] = True
             keep[-1] = True
-            w = _weight_aug(mods[f"blocks.{b}.attn.proj"])
+            w = _weight_aug(mods[f"blocks.{b}.attn.proj"], e)
             cols = torch.arange(cfg.heads * cfg.v_dim).view(cfg.heads, cfg.v_dim)
             if "heads" in kinds:
                 cost = group_obs_cost(w, proj.gram, list(cols), damping, keep).cpu() / proj.count
@@ -790,7 +795,7 @@ def reconstruction_scores(
             keep = torch.cat([bm.mlp, torch.ones(1, dtype=torch.bool)]).to(fc2.gram.device)
             k = torch.nonzero(keep).flatten()
             hinv, _ = _hinv(fc2.gram[k][:, k], damping)
-            w = _weight_aug(mods[f"blocks.{b}.mlp.fc2"])[:, k]
+            w = _weight_aug(mods[f"blocks.{b}.mlp.fc2"], e)[:, k]
             single = (w.pow(2).sum(0) / hinv.diagonal())[:-1].cpu() / fc2.count  # OBS eq. 5 per column
             score = torch.zeros(cfg.mlp_dim, dtype=_F64)
             score[bm.mlp] = single
