@@ -4,10 +4,16 @@ the model-level passes lower the error to the dense model and keep masked == pru
 from __future__ import annotations
 
 import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+from vitprune.models.io import load
 from vitprune.pruners import reconstruct as R
 from vitprune.pruners.baselines import magnitude_masks
 from vitprune.structures import masks as M
@@ -332,3 +338,66 @@ def test_qkv_rows_cover_pruned_layout(tiny_model):
         assert torch.equal(
             idx["qkv"][: hk.numel() * int(bm.qk.sum())], qkv_rows(cfg, "q", hk, torch.nonzero(bm.qk).flatten())
         )
+
+
+WORKER = """
+import json, sys
+import torch
+torch.set_num_threads(1)
+from vitprune.models import save
+from vitprune.pruners.reconstruct import reconstruct_structural
+from vitprune.training import distributed as D
+from common import setup
+
+D.setup_distributed("cpu")
+assert D.world_size() == 2
+dense, masks, pruned, x = setup()
+mine = x[D.rank() :: 2]  # each rank sees half of the calibration images
+_, report = reconstruct_structural(dense, pruned, masks, [mine[:4], mine[4:]], num_images=8, damping=1e-3)
+if D.rank() == 0:
+    save(pruned, sys.argv[1])
+    with open(sys.argv[1] + "/recon.json", "w") as f:
+        f.write(json.dumps(report["layers"]))
+D.cleanup_distributed()
+"""
+
+COMMON = """
+import torch
+from vitprune.models import ViT, ViTConfig
+from vitprune.structures import masks as M, surgery
+
+def setup():
+    cfg = ViTConfig.uniform(embed_dim=16, depth=3, heads=2, mlp_ratio=2.0, num_classes=3, img_size=16, patch_size=8)
+    torch.manual_seed(0)
+    dense = ViT(cfg).eval()
+    masks = M.random_masks(cfg, torch.Generator().manual_seed(0), p=0.3)
+    masks.blocks[1].keep = False
+    x = torch.randn(16, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    return dense, masks, surgery.prune_model(dense, masks).eval(), x
+"""
+
+
+def test_two_process_reconstruction_equals_single_process(tmp_path):
+    """H, C, ||T||^2 and the token count are all-reduced: 2 gloo ranks with half the images each == 1 process."""
+    (tmp_path / "common.py").write_text(COMMON)
+    (tmp_path / "worker.py").write_text(WORKER)
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(repo), str(tmp_path), env.get("PYTHONPATH", "")])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    proc = subprocess.run(
+        [*cmd, str(tmp_path / "worker.py"), str(tmp_path / "ddp")], env=env, capture_output=True, text=True, timeout=240
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import common
+    finally:
+        sys.path.remove(str(tmp_path))
+    dense, masks, pruned, x = common.setup()
+    _, report = R.reconstruct_structural(dense, pruned, masks, [x[:8], x[8:]], num_images=16, damping=1e-3)
+    ddp = load(tmp_path / "ddp")
+    for (name, a), b in zip(pruned.state_dict().items(), ddp.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)
+    layers = json.loads((tmp_path / "ddp" / "recon.json").read_text())
+    assert [r["tokens"] for r in layers] == [r["tokens"] for r in report["layers"]] == [16 * 5] * len(layers)
