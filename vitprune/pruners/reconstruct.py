@@ -43,6 +43,10 @@ minus the student's stream before it (the branch also absorbs drift carried from
 ViT-Tiny prototype). Non-sequential mode uses the dense model's activations only (the compensation formula).
 In sequential mode the residual streams of the calibration images (dense and student, ``N x T x D`` each, as in
 SparseGPT's sequential calibration) are kept on ``device``; layer inputs and outputs are not.
+
+    small = surgery.prune_model(dense, masks)                       # masks from any structural selection
+    small, report = reconstruct_structural(dense, small, masks, calib_loader, num_images=512)
+    sparse, report = reconstruct_unstructured(dense, result.model, result.masks, calib_loader)
 """
 
 from __future__ import annotations
@@ -274,8 +278,14 @@ class _Stop(Exception):
     pass
 
 
-def _device_of(model: nn.Module, device: str | torch.device | None) -> torch.device:
-    return torch.device(device) if device is not None else next(model.parameters()).device
+def _device_of(model: nn.Module, device: str | torch.device | None, *others: nn.Module) -> torch.device:
+    """``device`` or the model's; every model must already live there (they are not moved)."""
+    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    for m in (model, *others):
+        got = next(m.parameters()).device
+        if got.type != dev.type or (dev.index is not None and got.index != dev.index):
+            raise VitPruneError(f"reconstruction runs on {dev}, but a model is on {got}: move the models first")
+    return dev
 
 
 def _images(batches: Iterable, num_images: int, device: torch.device) -> Iterable[Tensor]:
@@ -528,7 +538,7 @@ def reconstruct_structural(
     before and after, on the same calibration tokens, and the damping used.
     """
     _check_target(target, TARGETS)
-    dev = _device_of(pruned, device)
+    dev = _device_of(pruned, device, dense)
     pairs = _block_map(dense, pruned, masks)
     e = torch.nonzero(masks.emb).flatten().to(dev)
     d_was, s_was = dense.training, pruned.training
@@ -663,7 +673,7 @@ def reconstruct_unstructured(
     not handled. Returns ``(sparse, report)``.
     """
     _check_target(target, UNSTRUCTURED_TARGETS)
-    dev = _device_of(sparse, device)
+    dev = _device_of(sparse, device, dense)
 
     def arch(c) -> list:
         return [c.embed_dim] + [(b.heads, b.qk_dim, b.v_dim, b.mlp_dim) for b in c.blocks]
