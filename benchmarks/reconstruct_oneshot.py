@@ -9,6 +9,8 @@ from the saliency and calibration images) — never on val.
     python benchmarks/reconstruct_oneshot.py --calib 64 --tune-per-class 1 --prune-steps 1 --batches-per-step 1 \\
         --variants seq-residual --out-name reconstruct_smoke                                   # smoke
     python benchmarks/reconstruct_oneshot.py --calib 512 --tune-per-class 5 --threads 2       # the measurement
+    python benchmarks/reconstruct_oneshot.py --masks runs/nvit50_masks.json --variants seq-residual \
+        --damping 1e-4 1e-2 --out-name reconstruct_oneshot_damping     # NViT once (masks saved), then reuse them
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--round-to", type=int, default=8)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--masks", default=None, help="JSON of NViT's final (rounded) masks: read if present, else written")
     ap.add_argument("--out-name", default="reconstruct_oneshot")
     return ap.parse_args(argv)
 
@@ -84,26 +87,8 @@ def top1(model, batches) -> float:
     return float(evaluate(model, batches, progress=False)["top1"])
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    t_start, load_start = time.perf_counter(), loadavg()
-    dense = load_model(str(shared_model() / "model.safetensors")).eval()
-    ds = ImageFolderDataset(shared_data() / "train", build_eval_transform("shared"), shared_model() / "classes.txt")
-    tune_idx, rest_idx = split_train(ds, args.tune_per_class)
-    gen = torch.Generator().manual_seed(args.seed)
-    perm = [rest_idx[i] for i in torch.randperm(len(rest_idx), generator=gen).tolist()]
-    calib_idx, saliency_idx = perm[: args.calib], perm[args.calib :]
-    tune = cached_batches(Subset(ds, tune_idx), 50)
-    calib = cached_batches(Subset(ds, calib_idx), args.batch_size)
-    print(f"tuning {len(tune_idx)} images, calibration {len(calib_idx)}, saliency pool {len(saliency_idx)}", flush=True)
-
-    rows: list[dict[str, Any]] = []
-    dense_macs = count_macs(dense)["total"]
-    rows.append({"name": "dense", "top1": top1(dense, tune), "macs_fraction": 1.0})
-    print(f"dense: {rows[-1]['top1']:.2f}", flush=True)
-
+def run_nvit(args, dense, ds, saliency_idx, tune, dense_macs, rows) -> tuple[StructuralMasks, Any]:
+    """NViT without training; returns its final (rounded) masks and the pruned model rebuilt from them."""
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         pruner = NViTPruner(
@@ -132,6 +117,40 @@ def main(argv: list[str] | None = None) -> int:
     frac = count_macs(base)["total"] / dense_macs
     rows.append({"name": "nvit one-shot", "top1": top1(base, tune), "macs_fraction": frac, "time_s": nvit_s})
     print(f"nvit one-shot ({frac:.3f} MACs): {rows[-1]['top1']:.2f} in {nvit_s:.0f} s", flush=True)
+    return masks, base
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t_start, load_start = time.perf_counter(), loadavg()
+    dense = load_model(str(shared_model() / "model.safetensors")).eval()
+    ds = ImageFolderDataset(shared_data() / "train", build_eval_transform("shared"), shared_model() / "classes.txt")
+    tune_idx, rest_idx = split_train(ds, args.tune_per_class)
+    gen = torch.Generator().manual_seed(args.seed)
+    perm = [rest_idx[i] for i in torch.randperm(len(rest_idx), generator=gen).tolist()]
+    calib_idx, saliency_idx = perm[: args.calib], perm[args.calib :]
+    tune = cached_batches(Subset(ds, tune_idx), 50)
+    calib = cached_batches(Subset(ds, calib_idx), args.batch_size)
+    print(f"tuning {len(tune_idx)} images, calibration {len(calib_idx)}, saliency pool {len(saliency_idx)}", flush=True)
+
+    rows: list[dict[str, Any]] = []
+    dense_macs = count_macs(dense)["total"]
+    rows.append({"name": "dense", "top1": top1(dense, tune), "macs_fraction": 1.0})
+    print(f"dense: {rows[-1]['top1']:.2f}", flush=True)
+
+    if args.masks and Path(args.masks).is_file():
+        masks = StructuralMasks.from_json(Path(args.masks).read_text())
+        base = surgery.prune_model(dense, masks).eval()
+        frac = count_macs(base)["total"] / dense_macs
+        rows.append({"name": "nvit one-shot", "top1": top1(base, tune), "macs_fraction": frac, "masks": args.masks})
+        print(f"nvit one-shot from {args.masks} ({frac:.3f} MACs): {rows[-1]['top1']:.2f}", flush=True)
+    else:
+        masks, base = run_nvit(args, dense, ds, saliency_idx, tune, dense_macs, rows)
+        if args.masks:
+            Path(args.masks).write_text(masks.to_json() + "\n")
+    frac = rows[-1]["macs_fraction"]
 
     for variant in args.variants:
         sequential, target, refit = VARIANTS[variant]
