@@ -4,6 +4,7 @@ the model-level passes lower the error to the dense model and keep masked == pru
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import os
 import subprocess
@@ -347,7 +348,7 @@ torch.set_num_threads(1)
 from vitprune.models import save
 from vitprune.pruners.reconstruct import reconstruct_structural
 from vitprune.training import distributed as D
-from common import setup
+from recon_common import setup
 
 D.setup_distributed("cpu")
 assert D.world_size() == 2
@@ -379,7 +380,7 @@ def setup():
 
 def test_two_process_reconstruction_equals_single_process(tmp_path):
     """H, C, ||T||^2 and the token count are all-reduced: 2 gloo ranks with half the images each == 1 process."""
-    (tmp_path / "common.py").write_text(COMMON)
+    (tmp_path / "recon_common.py").write_text(COMMON)
     (tmp_path / "worker.py").write_text(WORKER)
     repo = Path(__file__).resolve().parents[1]
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -389,11 +390,9 @@ def test_two_process_reconstruction_equals_single_process(tmp_path):
         [*cmd, str(tmp_path / "worker.py"), str(tmp_path / "ddp")], env=env, capture_output=True, text=True, timeout=240
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    sys.path.insert(0, str(tmp_path))
-    try:
-        import common
-    finally:
-        sys.path.remove(str(tmp_path))
+    spec = importlib.util.spec_from_file_location("recon_common", tmp_path / "recon_common.py")
+    common = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(common)  # not via sys.modules: other tests write their own helper modules
     dense, masks, pruned, x = common.setup()
     _, report = R.reconstruct_structural(dense, pruned, masks, [x[:8], x[8:]], num_images=16, damping=1e-3)
     ddp = load(tmp_path / "ddp")
