@@ -171,3 +171,46 @@ def test_structural_recovery_with_feature_distillation_through_the_recorded_map(
     assert extra["kept_blocks"] == [b for b, bm in enumerate(res.masks.blocks) if bm.keep]
     assert extra["emb_index"] == torch.nonzero(res.masks.emb).flatten().tolist()
     assert res.report["finetune"]["steps"] == 2 and res.report["settings"]["feature_weight"] == 1.0
+
+
+# ------------------------------------------------------------------------------------------------ reconstruction
+def _logit_gap(a, b, x):
+    with torch.no_grad():
+        return float((a.eval()(x) - b.eval()(x)).pow(2).mean())
+
+
+@pytest.mark.parametrize("method", ["nvit", "l2"])
+def test_reconstruct_setting_brings_structural_results_closer_to_dense(tiny_model, method):
+    data = _batches(tiny_model, n=4, bs=8)
+    common = {"target_macs": 0.5, "progress": False, "reconstruct_images": 32}
+    plain = pruners.create(method, **common).prune(tiny_model, data)
+    recon = pruners.create(method, reconstruct="sequential", **common).prune(tiny_model, data)
+    assert recon.masks == plain.masks and recon.model.config == plain.model.config  # same selection ...
+    x = torch.cat([b[0] for b in data])
+    assert _logit_gap(recon.model, tiny_model, x) < _logit_gap(plain.model, tiny_model, x)  # ... better weights
+    assert recon.report["reconstruction"]["mode"] == "sequential" and recon.report["reconstruction"]["layers"]
+    with pytest.raises(VitPruneError, match="--reconstruct-target self is for unstructured"):
+        pruners.create(method, reconstruct="sequential", reconstruct_target="self", target_macs=0.5)
+
+
+def test_reconstruct_setting_keeps_unstructured_masks(tiny_model):
+    data = _batches(tiny_model, n=4, bs=8)
+    (plain,) = pruners.create("gm", sparsity=(0.6,)).prune(tiny_model, data)
+    (recon,) = pruners.create("gm", sparsity=(0.6,), reconstruct="sequential", reconstruct_images=32).prune(
+        tiny_model, data
+    )
+    for name, keep in recon.masks.items():
+        assert torch.equal(keep, plain.masks[name])
+        assert torch.all(dict(recon.model.named_parameters())[name][~keep] == 0)
+    x = torch.cat([b[0] for b in data])
+    assert _logit_gap(recon.model, tiny_model, x) < _logit_gap(plain.model, tiny_model, x)
+
+
+def test_nvit_reconstruction_scoring(tiny_model):
+    res = pruners.create(
+        "nvit", target_macs=0.7, scoring="reconstruction", kinds=("heads", "v", "mlp"), prune_steps=2,
+        reconstruct_images=16, progress=False,
+    ).prune(tiny_model, _batches(tiny_model, n=4, bs=8))  # fmt: skip
+    assert res.report["pruned"]["fraction"]["macs"] <= 0.7
+    with pytest.raises(VitPruneError, match="pass --kinds heads,v,mlp"):
+        pruners.create("nvit", target_macs=0.7, scoring="reconstruction")

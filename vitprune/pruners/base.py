@@ -139,6 +139,16 @@ class PrunerConfig:
     teacher_amp: str | None = setting(
         None, kind="str", nullable=True, choices=("none", "bf16", "fp16"), help="teacher precision (default: --amp)"
     )
+    reconstruct: str = setting(
+        "off", choices=("off", "sequential", "dense-inputs"),
+        help="closed-form reconstruction of the kept weights after selection (pruners/reconstruct.py)",
+    )  # fmt: skip
+    reconstruct_target: str | None = setting(
+        None, kind="str", nullable=True, choices=("layer", "residual", "self"),
+        help="what sequential reconstruction fits (default: residual for structural, layer for unstructured)",
+    )  # fmt: skip
+    reconstruct_images: int = setting(256, low=1, help="calibration images of the reconstruction")
+    reconstruct_damping: float = setting(1e-3, low=0.0, help="ridge damping x mean diag(X^T X) of the solves")
     seed: int = setting(0, low=0, help="seed of scoring, sampling and training order")
     ckpt_every: int = setting(200, low=0, help="training checkpoint every N steps (resumable)")
     log_every: int = setting(50, low=0, help="training log line every N steps (0: off)")

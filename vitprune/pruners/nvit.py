@@ -30,6 +30,7 @@ from typing import ClassVar
 
 from torch import Tensor
 
+from vitprune.errors import VitPruneError
 from vitprune.models.vit import ViT
 from vitprune.pruners.base import Run
 from vitprune.pruners.settings import setting
@@ -43,12 +44,25 @@ class NViTConfig(StructuralConfig):
 
     prune_steps: int = setting(10, low=1, help="removal rounds (each reaches 1 - (1 - target) * step / steps)")
     batches_per_step: int = setting(8, low=1, help="saliency batches accumulated before each round")
+    scoring: str = setting(
+        "hessian", choices=("hessian", "reconstruction"),
+        help="unit scores: NViT's Hessian saliency, or the ZipLM cost of removal with optimal compensation",
+    )  # fmt: skip
     saliency_mode: str = setting(
         "labels",
         choices=MODES,
         flag="saliency",
         help="gradients from the labels or from labels sampled from the teacher",
     )
+
+    def check(self) -> None:
+        super().check()
+        other = [k for k in self.kinds if k not in ("heads", "v", "mlp")]
+        if self.scoring == "reconstruction" and other:
+            raise VitPruneError(
+                f"--scoring reconstruction scores heads, v and mlp only (not {','.join(other)}): "
+                "pass --kinds heads,v,mlp"
+            )
 
 
 class NViTPruner(StructuralPruner):
@@ -59,6 +73,13 @@ class NViTPruner(StructuralPruner):
 
     def scores(self, student: ViT, batches: Iterator, step: int, run: Run) -> dict[str, Tensor]:
         cfg = self.config
+        if cfg.scoring == "reconstruction":  # ZipLM: tr(W_S [H^-1]_SS^-1 W_S^T), reconstruction-aware
+            from vitprune.pruners.reconstruct import reconstruction_scores
+
+            return reconstruction_scores(
+                student, batches, num_images=cfg.reconstruct_images, damping=cfg.reconstruct_damping,
+                kinds=cfg.kinds, device=run.device,
+            )  # fmt: skip
         return compute_saliency(
             student,
             batches,

@@ -76,6 +76,8 @@ class StructuralConfig(PrunerConfig):
         full = {"emb": 16, "heads": 1, "qk": 8, "v": 8, "mlp": 16}
         self.chunks = full | dict(self.chunks)
         self.kinds = tuple(dict.fromkeys(self.kinds))
+        if self.reconstruct_target == "self":
+            raise VitPruneError("--reconstruct-target self is for unstructured masks (structural: layer or residual)")
         if self.selection != "greedy":  # only the greedy rule removes whole blocks
             self.kinds = tuple(k for k in self.kinds if k != "block")
         if not self.kinds:
@@ -342,6 +344,16 @@ class StructuralPruner(Pruner):
         _record_map(model, small, final)  # which teacher block / channel each student one is (feature distillation)
         report["rounding"] = rounding
         report |= self.after_surgery(small, fold_state)
+        if cfg.reconstruct != "off":
+            from vitprune.pruners.reconstruct import reconstruct_structural
+
+            if run.eval_fn is not None:
+                report["pruned_before_reconstruction_eval"] = run.eval(small)
+            small, report["reconstruction"] = reconstruct_structural(
+                model, small, final, run.data.calib, num_images=cfg.reconstruct_images,
+                damping=cfg.reconstruct_damping, sequential=cfg.reconstruct == "sequential",
+                target=cfg.reconstruct_target or "residual", device=run.device,
+            )  # fmt: skip
         if run.eval_fn is not None:
             report["pruned_before_finetune_eval"] = run.eval(small)
         ft = self._finetune(small, run, "finetune")

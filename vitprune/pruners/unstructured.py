@@ -78,6 +78,21 @@ class UnstructuredPruner(Pruner):
         return {"method": self.name, "label": self.label, "type": self.kind, "paper": self.paper,
                 "settings": self.config.to_dict()}  # fmt: skip
 
+    def _reconstruct(self, dense: nn.Module, res: Any, run: Run) -> dict[str, Any]:
+        """Re-solve the kept weights of every masked row against the dense outputs (the mask itself is kept)."""
+        from vitprune.pruners.reconstruct import reconstruct_unstructured
+
+        cfg = self.config
+        out: dict[str, Any] = {}
+        if run.eval_fn is not None:
+            out["before_reconstruction_eval"] = run.eval(res.model)
+        _, out["reconstruction"] = reconstruct_unstructured(
+            dense, res.model, res.masks, run.data.calib, num_images=cfg.reconstruct_images,
+            damping=cfg.reconstruct_damping, sequential=cfg.reconstruct == "sequential",
+            target=cfg.reconstruct_target or "layer", device=run.device,
+        )  # fmt: skip
+        return out
+
     def run(self, model: nn.Module, run: Run) -> list[PruneResult]:
         t0 = time.perf_counter()
         dense_eval = run.eval(model)
@@ -85,6 +100,8 @@ class UnstructuredPruner(Pruner):
         out = []
         for target, res in results.items():
             report = self.header() | dict(res.report)
+            if self.config.reconstruct != "off":
+                report |= self._reconstruct(model, res, run)
             if dense_eval is not None:
                 report["dense_eval"] = dense_eval
                 report["eval"] = run.eval(res.model)
