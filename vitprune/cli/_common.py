@@ -183,7 +183,7 @@ def build_image_loaders(
 def run_info(args: argparse.Namespace, load_start: Any, t0: float, **extra: Any) -> dict[str, Any]:
     """The ``run`` record of a report: command, inputs (``extra`` after ``val``), machine, load, date, wall time."""
     from vitprune.training import distributed as D
-    from vitprune.training.runinfo import command_line, loadavg, machine_info, utc_now
+    from vitprune.training.runinfo import command_line, git_commit, loadavg, machine_info, utc_now
 
     return {
         "command": command_line(),
@@ -192,6 +192,7 @@ def run_info(args: argparse.Namespace, load_start: Any, t0: float, **extra: Any)
         "val": str(args.val) if args.val else None,
         **extra,
         "machine": machine_info(),
+        "git_commit": git_commit(Path(__file__).resolve().parents[1]),  # "unknown" outside a checkout
         "world_size": D.world_size(),
         "loadavg_start": load_start,
         "loadavg_end": loadavg(),
