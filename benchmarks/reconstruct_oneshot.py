@@ -56,6 +56,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--prune-steps", type=int, default=10)
     ap.add_argument("--batches-per-step", type=int, default=8)
     ap.add_argument("--criterion", choices=("saliency", "per_cost"), default="per_cost")
+    ap.add_argument("--scoring", choices=("hessian", "reconstruction"), default="hessian", help="NViT unit scores")
+    ap.add_argument("--kinds", default="heads,qk,v,mlp,emb,block", help="structures NViT may remove")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--round-to", type=int, default=8)
     ap.add_argument("--threads", type=int, default=None)
@@ -98,6 +100,9 @@ def run_nvit(args, dense, ds, saliency_idx, tune, dense_macs, rows) -> tuple[Str
         batches_per_step=args.batches_per_step,
         round_to=args.round_to or None,
         criterion=args.criterion,
+        scoring=args.scoring,
+        kinds=tuple(args.kinds.split(",")),
+        reconstruct_images=args.calib,  # images per round of the reconstruction-aware scores
         seed=args.seed,
         progress=False,
     ).prune(dense, endless(Subset(ds, saliency_idx), args.batch_size, args.seed))
