@@ -127,3 +127,22 @@ def test_every_readme_command_runs(stand_ins, capsys):
         code = main(full)
         err = capsys.readouterr().err
         assert code == 0, f"vitprune {shlex.join(argv)} failed: {err.strip().splitlines()[-1:] or err}"
+
+
+def test_every_readme_python_example_runs(stand_ins, tmp_path, monkeypatch, capsys):
+    """The README's Python blocks, in order, in one namespace (``loader`` is a tiny labelled loader)."""
+    text = (REPO / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert blocks, "the README has no Python example"
+    g = torch.Generator().manual_seed(0)
+    loader = [(torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, 5, (4,), generator=g)) for _ in range(2)]
+    namespace = {"loader": loader}
+    monkeypatch.chdir(tmp_path)
+    for block in blocks:
+        code = block.replace("deit_small.pth", stand_ins["deit_small.pth"])
+        code = code.replace("deit_small_patch16_224", "deit_tiny_patch16_224")
+        code = code.replace('"finetune_steps": 500', '"finetune_steps": 2')  # budgets, like the CLI flags above
+        code = code.replace('{"sparsity": (0.5,), ', '{"sparsity": (0.5,), "block_size": 16, "num_grads": 8, ')
+        exec(compile(code, "README.md", "exec"), namespace)
+    assert (tmp_path / "out" / "config.json").is_file()
+    assert isinstance(namespace["results"], list) and namespace["results"][0].report["pipeline"] == ["nvit", "obs"]
