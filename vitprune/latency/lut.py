@@ -212,9 +212,10 @@ class LatencyTable:
         threads: int | None = None,
         force: bool = False,
         runtime: str | None = None,
+        force_flag: str = "--force",
     ) -> list[str]:
         """Refuse (or with ``force`` warn about) using the table for another device / batch / dtype / threads /
-        runtime (``runtime`` None: not checked)."""
+        runtime (``runtime`` None: not checked); the refusal names ``force_flag``, the caller's option."""
         dev = torch.device(device)
         m = self.meta
         problems = []
@@ -233,7 +234,7 @@ class LatencyTable:
             if threads != m["threads"]:
                 problems.append(f"{threads} threads (table: {m['threads']})")
         if problems and not force:
-            raise VitPruneError("latency table does not match this setting: " + "; ".join(problems) + " (--force)")
+            raise VitPruneError(f"latency table does not match this setting: {'; '.join(problems)} ({force_flag})")
         if problems:
             warnings.warn("latency table built for another setting: " + "; ".join(problems), stacklevel=2)
         return problems

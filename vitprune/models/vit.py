@@ -243,6 +243,19 @@ class ViT(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
+def carried_gates(model: nn.Module) -> list[str]:
+    """Names of the gates (masks or learnable scales, :data:`GATE_NAMES`) on ``model``, and ``"parametrized"`` when
+    a weight is parametrised (VTP's embedding gate): what must be folded or pruned before a new pruning run."""
+    found = sorted(
+        n
+        for n, t in [*model.named_buffers(), *model.named_parameters()]
+        if t is not None and n.rsplit(".", 1)[-1] in GATE_NAMES
+    )
+    if any("parametrizations" in n for n, _ in model.named_parameters()):
+        found.append("parametrized")
+    return found
+
+
 def logits_of(output: Tensor | tuple[Tensor, ...]) -> Tensor:
     """Class logits of a model output: a distilled model in training mode returns ``(cls, dist)`` head logits,
     which are averaged (DeiT's inference rule); a plain tensor is returned as is."""

@@ -155,10 +155,9 @@ class StructuralPruner(Pruner):
             table = LatencyTable.load(cfg.lut)
             lut_device = resolve_device(cfg.lut_device) if cfg.lut_device else torch.device(device)
             threads = cfg.lut_threads if cfg.lut_threads is not None else table.meta.get("threads")
-            try:
-                table.check_compatible(lut_device, cfg.lut_batch, cfg.lut_dtype, threads, force=cfg.force_lut)
-            except VitPruneError as exc:  # the table's own message names lut check's flag
-                raise VitPruneError(str(exc).replace("(--force)", "(--force-lut)")) from None
+            table.check_compatible(
+                lut_device, cfg.lut_batch, cfg.lut_dtype, threads, force=cfg.force_lut, force_flag="--force-lut"
+            )
             self._lut_cache = (cfg.lut, table)
         table = self._lut_cache[1]
         table.covers(model.config)
@@ -183,18 +182,11 @@ class StructuralPruner(Pruner):
 
     def check(self, model: nn.Module, device: str | torch.device = "cpu") -> None:
         super().check(model)
-        from vitprune.models.vit import GATE_NAMES
+        from vitprune.models.vit import carried_gates
 
-        leaves = set(GATE_NAMES)
-        gates = sorted(
-            n
-            for n, t in [*model.named_buffers(), *model.named_parameters()]
-            if t is not None and n.rsplit(".", 1)[-1] in leaves
-        )
-        if gates or any("parametrizations" in n for n, _ in model.named_parameters()):
-            raise VitPruneError(
-                f"model already carries gates ({(gates or ['parametrized'])[0]}, ...): prune them first"
-            )
+        gates = carried_gates(model)
+        if gates:
+            raise VitPruneError(f"model already carries gates ({gates[0]}, ...): prune them first")
         cfg = self.config
         lut = self._lut(model, torch.device(device))
         low = self.min_fraction(model.config, self.cost_model(model.config, lut))
@@ -205,7 +197,7 @@ class StructuralPruner(Pruner):
             )
 
     # ------------------------------------------------------------------------------------------- selection
-    def _select(self, dense, masks, scores, cost, latency, frac, state) -> list[dict[str, Any]]:
+    def _select(self, dense, masks, scores, cost, latency, frac, state, step) -> list[dict[str, Any]]:
         from vitprune.pruners import selection as S
 
         cfg = self.config
@@ -214,7 +206,7 @@ class StructuralPruner(Pruner):
                 dense, masks, scores, cfg, cost, frac * cost.dense, latency, state.get("eta")
             )
             return removed
-        within = masks.copy() if state.get("rounds_done") else None  # later rounds keep removed units removed
+        within = masks.copy() if step > 0 else None  # later rounds keep removed units removed
         if cfg.selection == "threshold":
             kept = {k: v for k, v in scores.items() if _kind(k) in cfg.kinds}
             _, new, info = S.GlobalThreshold(dense, kept, cost, cfg.round_to, within).select(frac)
@@ -222,7 +214,6 @@ class StructuralPruner(Pruner):
         else:
             new, r = S.uniform_select(dense, scores, cfg.kinds, cost, frac, cfg.round_to, within=within)
             state["selection"] = {"kept_fraction": r, "kinds": list(cfg.kinds)}
-        state["rounds_done"] = state.get("rounds_done", 0) + 1
         for key, mask in list(masks.items()):
             mask.copy_(new.get(key))
         for bm, nm in zip(masks.blocks, new.blocks, strict=True):
@@ -298,7 +289,8 @@ class StructuralPruner(Pruner):
                 frac = 1.0 - (1.0 - cfg.target) * (step + 1) / cfg.prune_steps
                 t_step = time.perf_counter()
                 scores = self.scores(student, batches, step, run)
-                removed = self._select(dense, masks, scores, cost, latency if latency_aware else None, frac, state)
+                lat = latency if latency_aware else None
+                removed = self._select(dense, masks, scores, cost, lat, frac, state, step)
                 apply_masks(student, masks)
                 record = self._record(step, frac, masks, removed, dense, cost, lut)
                 record["time_s"] = round(time.perf_counter() - t_step, 2)

@@ -48,7 +48,7 @@ from torch.nn.utils import parametrize
 
 from vitprune.errors import VitPruneError
 from vitprune.models.io import attach_gate
-from vitprune.models.vit import GATE_NAMES, KIND_GATES, ViT
+from vitprune.models.vit import KIND_GATES, ViT, carried_gates
 from vitprune.pruners.base import Run
 from vitprune.pruners.settings import setting
 from vitprune.pruners.structural import StructuralConfig, StructuralPruner
@@ -138,14 +138,6 @@ def _check_kinds(kinds: Iterable[str]) -> tuple[str, ...]:
     return kinds
 
 
-def _has_gates(model: ViT) -> list[str]:
-    found = [n for n, b in model.named_buffers() if b is not None and n.rsplit(".", 1)[-1] in GATE_NAMES]
-    found += [n for n, _ in model.named_parameters() if n.rsplit(".", 1)[-1] in GATE_NAMES]
-    if emb_gate(model) is not None:
-        found.append("emb")
-    return found
-
-
 def attach_vtp_gates(model: ViT, kinds: Sequence[str] = DEFAULT_GATES) -> dict[str, nn.Parameter]:
     """Attach learnable gates (initialised to 1) of ``kinds`` to ``model`` in place (VTP: ``X* = X diag(a)``).
 
@@ -153,7 +145,7 @@ def attach_vtp_gates(model: ViT, kinds: Sequence[str] = DEFAULT_GATES) -> dict[s
     Blocks whose branch is already empty (0 heads / 0 QK or V dims / 0 MLP neurons) get no gate of that kind.
     """
     kinds = _check_kinds(kinds)
-    existing = _has_gates(model)
+    existing = carried_gates(model)
     if existing:
         raise VitPruneError(f"model already carries gates ({existing[0]}, ...): prune or remove them first")
     ref = model.pos_embed
