@@ -5,6 +5,7 @@ shared ViT-Tiny's shape on the CPU, then times the dense model and ``--archs`` r
 end and compares with the LUT prediction (median / max relative error). The table is saved next to the results.
 
     python benchmarks/lut_accuracy.py --batch 8 --threads 1
+    python benchmarks/lut_accuracy.py --runtime onnxruntime --batch 32 --threads 2 --name lut_accuracy_ort  # deploy
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 from _common import REPO, RESULTS, markdown_table, write_results
 
-from vitprune.latency.lut import DEFAULT_GRID, LatencyTable, build_table, check_table, parse_grid
+from vitprune.latency.lut import DEFAULT_GRID, RUNTIMES, LatencyTable, build_table, check_table, parse_grid
 from vitprune.models.config import ViTConfig
 
 
@@ -32,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--check-runs", type=int, default=7)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--stat", choices=("median", "min"), default="median", help="per-point timing statistic")
+    ap.add_argument("--runtime", choices=RUNTIMES, default="torch", help="what the table times (and is checked in)")
     ap.add_argument("--table", default=None, help="check this saved table instead of building one")
     ap.add_argument("--name", default="lut_accuracy")
     args = ap.parse_args(argv)
@@ -40,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     if args.table:
         table = LatencyTable.load(args.table)
-        table.check_compatible("cpu", args.batch, "float32", args.threads)
+        table.check_compatible("cpu", args.batch, "float32", args.threads, runtime=args.runtime)
         table_path = Path(args.table).resolve()
     else:
         table = build_table(
@@ -53,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
             runs=args.runs,
             progress=sys.stderr.isatty(),
             stat=args.stat,
+            runtime=args.runtime,
         )
         table_path = table.save(RESULTS / f"{args.name}_table.json", overwrite=True)
     t_build = time.perf_counter() - t0
@@ -69,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     headers = ["architecture", "LUT predicted ms", "measured ms", "rel. error %", "pred. / dense", "meas. / dense"]
     table_md = markdown_table(headers, rows)
     record = {
+        "runtime": table.runtime,
         "batch_size": args.batch,
         "threads": args.threads,
         "stat": table.meta.get("stat", "median"),
@@ -86,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         "loadavg_end": os.getloadavg(),
     }
     md = (
-        "# Latency LUT accuracy (CPU)\n\n"
+        f"# Latency LUT accuracy (CPU, {table.runtime})\n\n"
         f"Table: {record['grid_points']} timed points (attention 4-D, MLP 2-D, stem 1-D), batch {args.batch}, "
         f"{args.threads} thread(s), per-point statistic {record['stat']}, built in {t_build:.0f} s. "
         "Relative error of the prediction "
