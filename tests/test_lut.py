@@ -171,3 +171,21 @@ def test_cli_build_and_check(tmp_path, capsys, tiny_model):
     assert "Another CPU" in capsys.readouterr().err
     with pytest.warns(UserWarning):
         assert main([*check, "--force"]) == 0
+
+
+def test_calibrated_table_predicts_its_model_and_keeps_ratios(tmp_path):
+    """``calibrate``: the table predicts the calibration model's measured latency, ratios are unchanged."""
+    base = ViTConfig.uniform(16, 2, 2, mlp_ratio=2.0, num_classes=3, img_size=16, patch_size=8)
+    kw = {"batch_size": 2, "threads": 1, "grid": TINY_GRID, "img_size": 16, "patch_size": 8, "num_classes": 3}
+    table = build_table(**kw, warmup=0, runs=1, progress=False, calibrate=base)
+    cal = table.meta["calibration"]
+    assert table.scale == pytest.approx(cal["measured_ms"] / cal["branches_ms"], rel=1e-4)
+    assert table.predict(base) == pytest.approx(cal["measured_ms"], rel=1e-4)
+    small = ViTConfig(embed_dim=8, blocks=[BlockConfig(1, 4, 4, 16)], num_classes=3, img_size=16, patch_size=8)
+    raw = LatencyTable(dict(table.meta, scale=1.0), table.grid, table.attn_ms, table.mlp_ms, table.stem_ms)
+    assert table.predict(small) / table.predict(base) == pytest.approx(raw.predict(small) / raw.predict(base))
+    path = table.save(tmp_path / "lut.json")
+    assert LatencyTable.load(path).predict(base) == pytest.approx(table.predict(base))
+    too_wide = ViTConfig.uniform(32, 1, 2, num_classes=3, img_size=16, patch_size=8)
+    with pytest.raises(VitPruneError, match="above the latency table's grid"):
+        build_table(**kw, warmup=0, runs=1, progress=False, calibrate=too_wide)

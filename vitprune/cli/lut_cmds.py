@@ -58,6 +58,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         stat=args.stat,
         runtime=args.runtime,
+        calibrate=config,
         **shape,
     )
     if config is not None:
@@ -69,7 +70,10 @@ def cmd_build(args: argparse.Namespace) -> int:
         f"threads {m['threads']}, {m['tokens']} tokens)"
     )
     if config is not None:
-        print(f"predicted latency of {args.model}: {table.predict(config):.2f} ms / batch")
+        print(
+            f"predicted latency of {args.model}: {table.predict(config):.2f} ms / batch "
+            f"(table scaled x{table.scale:.3f} to its measured end-to-end latency)"
+        )
     return 0
 
 
