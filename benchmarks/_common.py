@@ -7,6 +7,7 @@ A benchmark writes ``benchmarks/results/<name>.json`` (the numbers plus :func:`e
 from __future__ import annotations
 
 import json
+import math
 import os
 import shlex
 import sys
@@ -92,6 +93,12 @@ def write_results(name: str, record: dict[str, Any], markdown: str, results_dir:
 
 
 loadavg = runinfo.loadavg
+
+
+def ci95(top1_pct: float, n: int) -> float:
+    """Half-width (points) of the normal-approximation 95 % interval of a top-1 measured on ``n`` images."""
+    p = top1_pct / 100
+    return 196 * math.sqrt(p * (1 - p) / n) if n else float("nan")
 
 
 def cached_batches(dataset, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from _common import shared_data, shared_model
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from vitprune.data import CachedImageFolder, CachedTrainTransform, ImageFolderDataset, make_loader
 from vitprune.data.transforms import HALF
@@ -59,6 +59,7 @@ def build_train_loader(
     limit_per_class: int | None = None,
     seed: int = 0,
     cache: bool | None = None,
+    tune_per_class: int = 0,
     cache_dir: str | os.PathLike | None = None,
 ) -> DataLoader:
     """Shuffled, augmented loader of the shared train split (labels through the model's ``classes.txt``).
@@ -70,7 +71,8 @@ def build_train_loader(
     ``cache`` (default: on for the shared train split, i.e. when ``root`` is None): the images are decoded once
     into a uint8 tensor file (:class:`CachedImageFolder`, in ``cache_dir`` or ``$VITPRUNE_CACHE_DIR`` /
     ``~/.cache/vitprune/images``) and augmented on tensors with the same random draws (outputs equal the PIL
-    path's to float rounding); ``cache=False`` decodes the files for every sample.
+    path's to float rounding); ``cache=False`` decodes the files for every sample. ``tune_per_class``: the first N
+    files of every class (the tuning split, :func:`split_train`) are never trained on.
     """
     cache = root is None if cache is None else cache
     root = Path(root) if root is not None else shared_data() / "train"
@@ -83,6 +85,9 @@ def build_train_loader(
             img_size, mean=mean, std=std, scale=tuple(crop_scale), hflip=hflip, randaugment=None
         )
         ds = ImageFolderDataset(root, transform, classes_file, limit_per_class)
+    n_all = len(ds)
+    if tune_per_class:
+        ds = Subset(ds, split_train(ds.samples, tune_per_class)[1])
     ds.augment = {  # recorded by recover()
         "random_resized_crop": {"size": img_size, "scale": list(crop_scale), "ratio": [3 / 4, 4 / 3]},
         "hflip": hflip,
@@ -90,11 +95,23 @@ def build_train_loader(
         "std": list(std),
         "data": str(root),
         "images": len(ds),
+        "excluded_tuning_split": n_all - len(ds),
         "decoded_once": bool(cache),
     }
     if len(ds) < batch_size:
         raise VitPruneError(f"training set {root} has {len(ds)} images, fewer than one batch of {batch_size}")
     return make_loader(ds, batch_size, workers=workers, shuffle=True, drop_last=True, seed=seed)
+
+
+def split_train(samples: Sequence[tuple[Any, int]], per_class: int) -> tuple[list[int], list[int]]:
+    """(tuning indices: the first ``per_class`` files of every class in file order, the other indices)."""
+    seen: dict[int, int] = {}
+    tune, rest = [], []
+    for i, (_path, label) in enumerate(samples):
+        rank = seen.get(label, 0)
+        seen[label] = rank + 1
+        (tune if rank < per_class else rest).append(i)
+    return tune, rest
 
 
 def budget_lr(progress: float, lr: float, min_lr: float, warmup_frac: float) -> float:
@@ -159,13 +176,16 @@ def recover(
     seed: int = 0,
     device: str = "cpu",
     progress: bool = False,
+    resume: bool = False,
     **recipe: Any,
 ) -> dict[str, Any]:
     """Distil ``teacher`` into ``student`` (in place) within the fixed budget; returns what was consumed.
 
     ``recipe``: any of :data:`RECOVERY_KEYS` (defaults: :data:`DEFAULTS`; ``amp="none"``, no feature loss).
     ``masks`` (unstructured pruning) are held exactly at zero by the engine. ``out_dir`` keeps the engine's
-    metrics, checkpoint and final model. ``amp`` / ``teacher_amp`` set the student's / teacher's precision
+    metrics, checkpoint and final model; ``resume`` continues from its checkpoint (same weights as an
+    uninterrupted run; a minutes budget restarts its clock). ``amp`` / ``teacher_amp`` set the student's /
+    teacher's precision
     (``teacher_amp="bf16"`` runs only the teacher in bf16: AMX on recent Xeons, see
     ``benchmarks/recovery_throughput.py``); ``feature_weight > 0`` adds feature distillation
     (:mod:`vitprune.training.features`, maps as in :class:`TrainConfig`).
@@ -204,7 +224,9 @@ def recover(
         **{k: r[k] for k in passed},
         log_every=max(1, steps // 50),
         progress=progress,
-        overwrite=True,
+        resume=resume,
+        overwrite=not resume,
+        ckpt_every=max(1, steps // 10),
         tensorboard=False,
     )
     schedule = BudgetSchedule(steps, budget_minutes * 60.0 if budget_minutes else None, lr, min_lr, warmup_frac)

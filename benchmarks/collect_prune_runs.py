@@ -12,16 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 from typing import Any
 
-from _common import markdown_table, write_results
-
-
-def ci95(top1: float, n: int) -> float:
-    p = top1 / 100
-    return 196 * math.sqrt(p * (1 - p) / n) if n else float("nan")
+from _common import ci95, markdown_table, write_results
 
 
 def rows_of(name: str, run: Path) -> list[dict[str, Any]]:

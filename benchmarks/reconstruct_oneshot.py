@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-from _common import cached_batches, loadavg, markdown_table, shared_data, shared_model, write_results
+from _common import cached_batches, ci95, loadavg, markdown_table, shared_data, shared_model, write_results
+from _recovery import split_train
 from torch.utils.data import Subset
 
 from vitprune import pruners
@@ -68,17 +68,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def split_train(ds: ImageFolderDataset, per_class: int) -> tuple[list[int], list[int]]:
-    """(tuning indices: the first ``per_class`` files of every class, the remaining indices)."""
-    seen: dict[int, int] = {}
-    tune, rest = [], []
-    for i, (_path, label) in enumerate(ds.samples):
-        rank = seen.get(label, 0)
-        seen[label] = rank + 1
-        (tune if rank < per_class else rest).append(i)
-    return tune, rest
-
-
 def endless(ds, batch_size: int, seed: int) -> Iterator:
     epoch = 0
     while True:
@@ -114,12 +103,6 @@ def run_nvit(args, dense, ds, saliency_idx, tune, dense_macs, rows) -> tuple[Str
     return res.masks, base
 
 
-def ci95(top1_pct: float, n: int) -> float:
-    """Half-width of the normal-approximation 95 % interval of an accuracy measured on ``n`` images."""
-    p = top1_pct / 100
-    return 196 * math.sqrt(p * (1 - p) / n) if n else float("nan")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads:
@@ -127,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     t_start, load_start = time.perf_counter(), loadavg()
     dense = load_model(str(shared_model() / "model.safetensors")).eval()
     ds = ImageFolderDataset(shared_data() / "train", build_eval_transform("shared"), shared_model() / "classes.txt")
-    tune_idx, rest_idx = split_train(ds, args.tune_per_class)
+    tune_idx, rest_idx = split_train(ds.samples, args.tune_per_class)
     gen = torch.Generator().manual_seed(args.seed)
     perm = [rest_idx[i] for i in torch.randperm(len(rest_idx), generator=gen).tolist()]
     calib_idx, saliency_idx = perm[: args.calib], perm[args.calib :]

@@ -214,3 +214,18 @@ def test_nvit_reconstruction_scoring(tiny_model):
     assert res.report["pruned"]["fraction"]["macs"] <= 0.7
     with pytest.raises(VitPruneError, match="pass --kinds heads,v,mlp"):
         pruners.create("nvit", target_macs=0.7, scoring="reconstruction")
+
+
+def test_parse_text_reads_settings_as_the_cli_does():
+    from vitprune.pruners.settings import parse_text
+
+    cfg = pruners.get("nvit").Config
+    assert parse_text(cfg, "target_macs", "0.5") == 0.5
+    assert parse_text(cfg, "kinds", "heads,v,mlp") == ("heads", "v", "mlp")
+    assert parse_text(cfg, "chunks", "emb=16,heads=1") == {"emb": 16, "heads": 1}
+    assert parse_text(cfg, "force_lut", "true") is True
+    assert parse_text(pruners.get("obs").Config, "sparsity", "0.5,0.75") == (0.5, 0.75)
+    with pytest.raises(VitPruneError, match="unknown setting 'nope'"):
+        parse_text(cfg, "nope", "1")
+    with pytest.raises(VitPruneError, match="true or false"):
+        parse_text(cfg, "force_lut", "yes")

@@ -264,6 +264,24 @@ def _cli_parse(spec: Spec, name: str) -> Callable[[str], Any]:
     return parse
 
 
+def parse_text(cls: type, name: str, text: str) -> Any:
+    """Setting ``name`` of config class ``cls`` from text as the CLI reads it (``a,b`` for every list,
+    ``true`` / ``false`` for bools): for scripts that take ``KEY=VALUE`` settings (``benchmarks/``)."""
+    spec = specs_of(cls).get(name)
+    if spec is None:
+        raise VitPruneError(f"unknown setting {name!r} (known: {', '.join(specs_of(cls))})")
+    if spec.kind == "bool":
+        if text.lower() not in ("true", "false"):
+            raise VitPruneError(f"{name} must be true or false, got {text!r}")
+        return text.lower() == "true"
+    if spec.kind == "floats":
+        return tuple(_float_text(v.strip(), spec.option(name)) for v in text.split(",") if v.strip())
+    try:
+        return _cli_parse(spec, name)(text)
+    except argparse.ArgumentTypeError as exc:
+        raise VitPruneError(f"{name}: {exc}") from None
+
+
 def _int_text(text: Any, where: str) -> int:
     try:
         return int(str(text))
