@@ -29,6 +29,7 @@ import shutil
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -110,11 +111,17 @@ class Row:
     def __init__(self, work: Path, name: str) -> None:
         self.dir = work / name
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.oneshot_dir = self.dir / "oneshot"
         self.state_path = self.dir / "state.json"
         self.state: dict[str, Any] = json.loads(self.state_path.read_text()) if self.state_path.is_file() else {}
 
     def save(self) -> None:
         atomic_write_text(self.state_path, json.dumps(self.state, indent=2, default=str) + "\n", overwrite=True)
+
+    def save_oneshot(self, model) -> None:
+        if self.oneshot_dir.exists():
+            shutil.rmtree(self.oneshot_dir)  # a half-written model of an interrupted run
+        save(model, self.oneshot_dir)
 
 
 def evaluate_on(model, splits: dict[str, list], record: dict[str, Any]) -> None:
@@ -135,88 +142,112 @@ def sparsity_masks(model) -> WeightMasks | None:
     return WeightMasks(masks)
 
 
+@dataclass
+class Shared:
+    """What every row uses alike: the dense model, the splits, the calibration pool (see the module docstring)."""
+
+    dense: Any
+    train_ds: ImageFolderDataset
+    tune_idx: list[int]
+    calib_idx: list[int]
+    splits: dict[str, list]
+    tune_per_class: int
+    seed: int
+    dense_macs: int = 0
+    dense_params: int = 0
+
+    def calib(self, batch_size: int = 32) -> Iterator:
+        return endless(Subset(self.train_ds, self.calib_idx), batch_size, self.seed)
+
+    def train_loader(self, batch_size: int, seed: int):
+        return build_train_loader(batch_size=batch_size, seed=seed, tune_per_class=self.tune_per_class)
+
+
+def load_shared(tune_per_class: int, calib_images: int, val_per_class: int, seed: int) -> Shared:
+    dense = load_model(str(shared_model() / "model.safetensors")).eval()
+    classes = shared_model() / "classes.txt"
+    train_ds = ImageFolderDataset(shared_data() / "train", build_eval_transform("shared"), classes)
+    tune_idx, rest_idx = split_train(train_ds.samples, tune_per_class)
+    gen = torch.Generator().manual_seed(seed)
+    calib_idx = [rest_idx[i] for i in torch.randperm(len(rest_idx), generator=gen)[:calib_images].tolist()]
+    val_ds = ImageFolderDataset(shared_data() / "val", build_eval_transform("shared"), classes, val_per_class)
+    splits = {"tune": cached_batches(Subset(train_ds, tune_idx), 50), "val": cached_batches(val_ds, 50)}
+    print(f"tuning {len(tune_idx)} train images, calibration {len(calib_idx)}, val {len(val_ds)}", flush=True)
+    return Shared(dense, train_ds, tune_idx, calib_idx, splits, tune_per_class, seed,
+                  count_macs(dense)["total"], count_params(dense))  # fmt: skip
+
+
+def describe_oneshot(row: Row, shared: Shared) -> Any:
+    """Load the row's one-shot model, record its size and shape, evaluate it once; returns the model."""
+    oneshot = load(row.oneshot_dir).eval()
+    rec = row.state.setdefault("oneshot", {"saved": True})
+    rec |= {"macs_fraction": count_macs(oneshot)["total"] / shared.dense_macs, "params": count_params(oneshot)}
+    rec["params_fraction"] = rec["params"] / shared.dense_params
+    rec["blocks"] = [[b.heads, b.qk_dim, b.v_dim, b.mlp_dim] for b in oneshot.config.blocks]
+    rec["embed_dim"] = oneshot.config.embed_dim
+    evaluate_on(oneshot, shared.splits, rec)
+    row.save()
+    return oneshot
+
+
+def recover_row(row: Row, shared: Shared, budget: int, recipe: dict[str, Any], batch_size: int, seed: int) -> dict:
+    """Recover the row's one-shot model with ``budget`` images (resumable) and evaluate it; returns the record."""
+    rec = row.state.setdefault("recovered", {}).setdefault(f"{budget}" + (f"_seed{seed}" if seed else ""), {})
+    run_dir = row.dir / f"recover_{budget}_seed{seed}"
+    if not rec.get("done"):
+        student = load(row.oneshot_dir)
+        print(f"  recovering {budget} images (recipe {recipe or 'default'}, seed {seed})", flush=True)
+        rec["recovery"] = recover(
+            student, shared.dense, shared.train_loader(batch_size, seed), budget, masks=sparsity_masks(student),
+            out_dir=run_dir, seed=seed, resume=(run_dir / CHECKPOINT_NAME).is_file(), **recipe,
+        )  # fmt: skip
+        rec |= {"done": True, "budget": budget, "seed": seed}
+        row.save()
+    evaluate_on(load(run_dir / "model").eval(), shared.splits, rec)
+    row.save()
+    return rec
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     t_start, load_start = time.perf_counter(), loadavg()
     work = Path(args.work)
     row = Row(work, args.name)
-    source = Row(work, args.oneshot_of) if args.oneshot_of else row
     recipe = recovery_recipe(args.recovery)
-    dense = load_model(str(shared_model() / "model.safetensors")).eval()
-    dense_macs, dense_params = count_macs(dense)["total"], count_params(dense)
-    classes = shared_model() / "classes.txt"
-    train_ds = ImageFolderDataset(shared_data() / "train", build_eval_transform("shared"), classes)
-    tune_idx, rest_idx = split_train(train_ds.samples, args.tune_per_class)
-    gen = torch.Generator().manual_seed(args.seed)
-    calib_idx = [rest_idx[i] for i in torch.randperm(len(rest_idx), generator=gen)[: args.calib_images].tolist()]
-    val_ds = ImageFolderDataset(shared_data() / "val", build_eval_transform("shared"), classes, args.val_per_class)
-    splits = {"tune": cached_batches(Subset(train_ds, tune_idx), 50), "val": cached_batches(val_ds, 50)}
-    print(f"tuning {len(tune_idx)} train images, calibration {len(calib_idx)}, val {len(val_ds)}", flush=True)
-
-    dense_row = row.state.setdefault("dense", {})
-    evaluate_on(dense, splits, dense_row)
+    shared = load_shared(args.tune_per_class, args.calib_images, args.val_per_class, args.seed)
+    evaluate_on(shared.dense, shared.splits, row.state.setdefault("dense", {}))
     row.save()
-
-    oneshot_dir = source.dir / "oneshot"
     if args.oneshot_of:
-        if not (oneshot_dir / "config.json").is_file() and not any(oneshot_dir.glob("*")):
-            raise VitPruneError(f"row {args.oneshot_of} has no one-shot model in {oneshot_dir}")
-        row.state["oneshot_of"] = args.oneshot_of
-        row.state.setdefault("method", source.state.get("method"))
-        row.state.setdefault("settings", source.state.get("settings"))
-    elif not (oneshot_dir.is_dir() and row.state.get("oneshot", {}).get("saved")):
+        source = Row(work, args.oneshot_of)
+        if not source.state.get("oneshot", {}).get("saved"):
+            raise VitPruneError(f"row {args.oneshot_of} has no one-shot model in {source.oneshot_dir}")
+        row.oneshot_dir = source.oneshot_dir
+        row.state |= {"oneshot_of": args.oneshot_of, "method": source.state.get("method")}
+        row.state |= {"settings": source.state.get("settings")}
+    elif not row.state.get("oneshot", {}).get("saved"):
         cls = pruners.get(args.method)
         settings = {k: parse_text(cls.Config, k, v) for k, v in key_values(args.set, "--set").items()}
         pruner = cls(**settings, progress=False, seed=args.seed)
-        calib = endless(Subset(train_ds, calib_idx), args.calib_batch_size, args.seed)
-        train = build_train_loader(batch_size=args.batch_size, seed=args.seed, tune_per_class=args.tune_per_class)
         t0 = time.perf_counter()
-        with torch.enable_grad():
-            res = pruner.prune(dense, PruneData(calib, train), teacher=dense)
+        res = pruner.prune(shared.dense, PruneData(shared.calib(args.calib_batch_size),
+                                                   shared.train_loader(args.batch_size, args.seed)),
+                           teacher=shared.dense)  # fmt: skip
         results = res if isinstance(res, list) else [res]
         if len(results) != 1:
             raise VitPruneError(f"{args.method} gave {len(results)} models: give one target per row")
-        if oneshot_dir.exists():
-            shutil.rmtree(oneshot_dir)  # a half-written model of an interrupted run
-        save(results[0].model, oneshot_dir)
+        row.save_oneshot(results[0].model)
         row.state.update(method=args.method, settings={k: str(v) for k, v in settings.items()})
         row.state["config"] = pruner.config.to_dict()
         row.state["oneshot"] = {"saved": True, "prune_s": time.perf_counter() - t0}
         row.state["prune_report"] = results[0].report
         row.save()
-    oneshot = load(oneshot_dir).eval()
-    os_rec = row.state.setdefault("oneshot", {"saved": True})
-    os_rec |= {"macs_fraction": count_macs(oneshot)["total"] / dense_macs, "params": count_params(oneshot)}
-    os_rec["params_fraction"] = os_rec["params"] / dense_params
-    os_rec["blocks"] = [[b.heads, b.qk_dim, b.v_dim, b.mlp_dim] for b in oneshot.config.blocks]
-    os_rec["embed_dim"] = oneshot.config.embed_dim
-    print(f"{args.name}: one-shot {os_rec['macs_fraction']:.3f} MACs", flush=True)
-    evaluate_on(oneshot, splits, os_rec)
-    row.save()
-
-    recovered = row.state.setdefault("recovered", {})
+    describe_oneshot(row, shared)
+    print(f"{args.name}: one-shot {row.state['oneshot']['macs_fraction']:.3f} MACs", flush=True)
     for budget in [b for b in args.recover if b > 0]:
-        rec = recovered.setdefault(str(budget), {})
-        run_dir = row.dir / f"recover_{budget}_seed{args.recover_seed}"
-        if not rec.get("done"):
-            student = load(oneshot_dir)
-            masks = sparsity_masks(student)
-            loader = build_train_loader(
-                batch_size=args.batch_size, seed=args.recover_seed, tune_per_class=args.tune_per_class
-            )
-            print(f"  recovering {budget} images (recipe {recipe or 'default'})", flush=True)
-            rec["recovery"] = recover(
-                student, dense, loader, budget, masks=masks, out_dir=run_dir, seed=args.recover_seed,
-                resume=(run_dir / CHECKPOINT_NAME).is_file(), **recipe,
-            )  # fmt: skip
-            rec["done"] = True
-            row.save()
-        model = load(run_dir / "model").eval()
-        evaluate_on(model, splits, rec)
-        row.save()
-
-    write_row_results(args, row, recipe, len(tune_idx), len(calib_idx), time.perf_counter() - t_start, load_start)
+        recover_row(row, shared, budget, recipe, args.batch_size, args.recover_seed)
+    n_tune, n_calib = len(shared.tune_idx), len(shared.calib_idx)
+    write_row_results(args, row, recipe, n_tune, n_calib, time.perf_counter() - t_start, load_start)
     return 0
 
 
@@ -247,9 +278,10 @@ def write_row_results(args, row: Row, recipe, n_tune: int, n_calib: int, total_s
     o = s["oneshot"]
     rows.append([f"{label} one-shot", 0, o["top1_tune"], f"{o['top1_val']:.2f} +- {o['ci95_val']:.2f}",
                  f"{o['macs_fraction']:.3f}", f"{s['oneshot'].get('prune_s', 0):.0f}"])  # fmt: skip
-    for budget, rec in sorted(s.get("recovered", {}).items(), key=lambda kv: int(kv[0])):
+    for key, rec in sorted(s.get("recovered", {}).items(), key=lambda kv: tuple(map(int, kv[0].split("_seed")))):
         if "top1_val" in rec:
             r = rec["recovery"]
+            budget = key.replace("_seed", " (seed ") + (")" if "_seed" in key else "")
             rows.append([f"{label} recovered", budget, rec["top1_tune"],
                          f"{rec['top1_val']:.2f} +- {rec['ci95_val']:.2f}", f"{o['macs_fraction']:.3f}",
                          f"{60 * r['minutes']:.0f} ({r['images_per_s']:.1f} img/s)"])  # fmt: skip

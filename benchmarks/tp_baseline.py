@@ -255,15 +255,21 @@ def tp_prune(
     ratio: float,
     attn: str = "dims",
     grads: dict[str, Tensor] | None = None,
+    steps: int = 1,
+    grads_fn: Callable[[TimmViT, int], dict[str, Tensor]] | None = None,
 ) -> TimmViT:
-    """A pruned copy of ``dense_plain`` (the original is untouched), exactly as the TP example does it."""
+    """A pruned copy of ``dense_plain`` (the original is untouched), exactly as the TP example does it.
+
+    ``steps`` > 1: Torch-Pruning's ``iterative_steps`` (the ratio reached in equal steps); ``grads_fn(model, k)``
+    then gives fresh Taylor gradients of the partly pruned model before step ``k`` (re-scoring, as NViT's rounds),
+    else the ``grads`` of the dense model are used for the first step only."""
     if scope not in SCOPES:
         raise VitPruneError(f"scope must be one of {', '.join(SCOPES)}, got {scope!r}")
     if attn not in ATTN_MODES:
         raise VitPruneError(f"attn must be one of {', '.join(ATTN_MODES)}, got {attn!r}")
     if not 0.0 <= ratio < 1.0:
         raise VitPruneError(f"pruning ratio must be in [0, 1), got {ratio}")
-    if importance == "taylor" and grads is None:
+    if importance == "taylor" and grads is None and grads_fn is None:
         raise VitPruneError("Taylor importance needs gradients (taylor_gradients)")
     tp = _tp()
     model = copy.deepcopy(dense_plain).eval()
@@ -278,26 +284,33 @@ def tp_prune(
     example = torch.randn(1, model.patch_embed.proj.in_channels, side, side)
     with warnings.catch_warnings():  # "Unwrapped parameters detected: cls_token, pos_embed" (last dim pruned)
         warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
-        pruner = _base_pruner(tp, model, example, importance, scope, ratio, attn, num_heads)
-    for group in pruner.step(interactive=True):
-        group.prune()
-    for blk in model.blocks:  # the example's fix-up of num_heads / head_dim
-        a = blk.attn
-        a.num_heads = pruner.num_heads[a.qkv]
-        a.head_dim = a.qkv.out_features // (3 * a.num_heads) if a.num_heads > 0 else 0
+        pruner = _base_pruner(tp, model, example, importance, scope, ratio, attn, num_heads, steps)
+    for k in range(steps):
+        if grads_fn is not None:
+            fresh = grads_fn(model, k)
+            for name, p in model.named_parameters():
+                p.grad = fresh.get(name)
+        for group in pruner.step(interactive=True):
+            group.prune()
+        for blk in model.blocks:  # the example's fix-up of num_heads / head_dim (after every step)
+            a = blk.attn
+            a.num_heads = pruner.num_heads[a.qkv]
+            a.head_dim = a.qkv.out_features // (3 * a.num_heads) if a.num_heads > 0 else 0
     model.zero_grad(set_to_none=True)
     return model.eval()
 
 
-def _base_pruner(tp, model: TimmViT, example: Tensor, importance: str, scope: str, ratio: float, attn: str, num_heads):
-    """``tp.pruner.BasePruner`` with the example's arguments."""
+def _base_pruner(
+    tp, model: TimmViT, example: Tensor, importance: str, scope: str, ratio: float, attn: str, num_heads, steps: int = 1
+):
+    """``tp.pruner.BasePruner`` with the example's arguments (``iterative_steps`` = ``steps``, the example: 1)."""
     return tp.pruner.BasePruner(
         model,
         example,
         importance=make_importance(importance),
         global_pruning=scope == "global",
         pruning_ratio=ratio,
-        iterative_steps=1,
+        iterative_steps=steps,
         ignored_layers=[model.head],
         num_heads=num_heads,
         prune_num_heads=attn == "heads",

@@ -1,0 +1,396 @@
+"""Matched measured latency (#13): every method at 0.7x / 0.5x of the dense model's MEASURED latency, recovered alike.
+
+Rows = ``--methods`` x ``--levels``. Every row uses the data of :mod:`prune_recover` (tuning split chooses, never
+calibrates or trains; one calibration pool of ``--calib-images`` for every method; the one recovery recipe; the
+full val set reports) and its row layout under ``--work`` (one-shot model, recoveries, ``state.json``). Stages,
+each resumable and each refusing a tree with uncommitted changes (every number names a clean commit):
+
+1. ``match`` (needs a quiet machine): prune one-shot so that the model's PyTorch-eager latency (batch 32,
+   ``--threads``, timed round-robin with the dense model in this process) is ``level`` x dense within ``--tol``:
+   vitprune's methods through their LUT latency target (the torch LUT ``--lut``), re-pruned with a multiplicative
+   correction of the target when the measurement misses (at most ``--match-tries`` prunes); Torch-Pruning through
+   its pruning ratio, by bisection on the measured latency (:func:`tp_baseline.bisect_ratio`). The closest probe
+   is kept.
+2. ``recover``: :func:`prune_recover.recover_row`, ``--recover`` images (VTP: minus the images its gate training
+   already used, so that every method gets the same total), then top-1 on tuning and val.
+3. ``latency``: all matched models and the dense one, round-robin in one process, in PyTorch eager and in ONNX
+   Runtime (batch 32), the ratios reported (the match stage's probes are only for matching).
+4. ``curve`` (recovery budgets ``--curve-budgets`` for ``--curve-methods`` at ``--curve-level``) and ``seeds``
+   (``--seeds`` more recovery seeds for the same rows).
+5. ``report``: ``benchmarks/results/matched_latency.json`` (a list of rows), ``.md`` and two pictures.
+
+    python benchmarks/matched_latency.py --stages match recover latency report         # the measurement (hours)
+    python benchmarks/matched_latency.py --methods l2 tp-l2-uniform --levels 0.7 --calib-images 64 \\
+        --tune-per-class 1 --val-per-class 1 --recover 64 --work /tmp/ml --name ml_smoke --allow-dirty  # smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import tp_baseline as TPB
+from _common import REPO, RESULTS, git_commit, loadavg, markdown_table, write_results
+from prune_recover import Row, Shared, describe_oneshot, load_shared, recover_row
+from torch import nn
+
+from vitprune import pruners
+from vitprune.errors import VitPruneError
+from vitprune.metrics.latency import compare_many
+from vitprune.pruners.base import PruneData
+from vitprune.runtime.ort import module_session
+
+RECONSTRUCT = {"reconstruct": "sequential", "reconstruct_images": 1024, "reconstruct_damping": 1e-2}
+VTP_STEPS = 60  # gate-training steps of 64 images: 3,840 of the 15,360-image total (a 25 % share)
+
+# name -> how the row is pruned; "config" says what it is (paper / example configuration or our modification)
+METHODS: dict[str, dict[str, Any]] = {
+    "nvit": {"kind": "vitprune", "method": "nvit", "settings": RECONSTRUCT,
+             "config": "vitprune: NViT saliency + closed-form reconstruction (ours)"},
+    "nvit-paper": {"kind": "vitprune", "method": "nvit", "settings": {},
+                   "config": "paper: NViT Hessian saliency, 10 rounds, no reconstruction"},
+    "vtp": {"kind": "vitprune", "method": "vtp",
+            "settings": {"sparsity_steps": VTP_STEPS, "finetune_steps": 0, "lam": 1e-3, "gate_lr": 0.05},
+            "config": f"VTP gates qk,v,mlp, L1 lambda 1e-3, gate lr 0.05, {VTP_STEPS} gate steps in the budget"},
+    "l2": {"kind": "vitprune", "method": "l2", "settings": {}, "config": "vitprune L2 magnitude, uniform"},
+    "taylor": {"kind": "vitprune", "method": "taylor", "settings": {}, "config": "vitprune Taylor |g w|, global"},
+    "tp-taylor-global": {"kind": "tp", "importance": "taylor", "scope": "global", "steps": 1,
+                         "config": "Torch-Pruning example: GroupTaylor, global, iterative_steps 1"},
+    "tp-taylor-global-it10": {"kind": "tp", "importance": "taylor", "scope": "global", "steps": 10,
+                              "config": "Torch-Pruning GroupTaylor, global, 10 re-scored steps (as NViT's rounds)"},
+    "tp-taylor-uniform": {"kind": "tp", "importance": "taylor", "scope": "uniform", "steps": 1,
+                          "config": "Torch-Pruning example: GroupTaylor, uniform"},
+    "tp-l2-global": {"kind": "tp", "importance": "l2", "scope": "global", "steps": 1,
+                     "config": "Torch-Pruning example: GroupMagnitude L2, global"},
+    "tp-l2-uniform": {"kind": "tp", "importance": "l2", "scope": "uniform", "steps": 1,
+                      "config": "Torch-Pruning example: GroupMagnitude L2, uniform"},
+}  # fmt: skip
+STAGES = ("match", "recover", "latency", "curve", "seeds", "report")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
+    ap.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    ap.add_argument("--levels", type=float, nargs="+", default=[0.7, 0.5], help="latency fractions of dense")
+    ap.add_argument("--tol", type=float, default=0.03, help="relative tolerance of the latency match")
+    ap.add_argument("--match-tries", type=int, default=3, help="prunes per vitprune row while matching")
+    ap.add_argument("--lut", default=str(RESULTS / "lut_accuracy_torch32_table.json"), help="torch LUT, batch 32")
+    ap.add_argument("--criterion", default="saliency", help="NViT criterion (chosen on the tuning split)")
+    ap.add_argument("--criterion-chosen-on", default="tuning split (prune_recover_nvit50_*: one-shot + recon)")
+    ap.add_argument("--recover", type=int, default=15360, help="recovery images per row (total, VTP included)")
+    ap.add_argument("--recovery", action="append", default=["teacher_amp=bf16"], metavar="KEY=VALUE")
+    ap.add_argument("--curve-methods", nargs="*", default=["nvit", "tp-taylor-global"])
+    ap.add_argument("--curve-level", type=float, default=0.5)
+    ap.add_argument("--curve-budgets", type=int, nargs="*", default=[5120, 46080])
+    ap.add_argument("--seeds", type=int, nargs="*", default=[1], help="extra recovery seeds (curve methods)")
+    ap.add_argument("--tune-per-class", type=int, default=10)
+    ap.add_argument("--calib-images", type=int, default=2560)
+    ap.add_argument("--val-per-class", type=int, default=25)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--latency-runs", type=int, default=10)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--work", default=str(REPO / "runs" / "matched"))
+    ap.add_argument("--name", default="matched_latency")
+    ap.add_argument("--allow-dirty", action="store_true", help="smoke runs only: numbers from an unclean tree")
+    return ap.parse_args(argv)
+
+
+def row_name(method: str, level: float) -> str:
+    return f"{method}@{level:g}"
+
+
+# ------------------------------------------------------------------------------------------------ latency
+def latency_ratios(models: dict[str, nn.Module], dense: nn.Module, runtime: str, threads: int, runs: int) -> dict:
+    """Latency of each model / dense (batch 32), every model round-robin with the dense one in this process."""
+    x = torch.randn(32, 3, 224, 224)
+    if runtime == "onnxruntime":
+        runners = {"dense": module_session(dense.eval(), x[:32], threads)}
+        runners |= {k: module_session(m.eval(), x, threads) for k, m in models.items()}
+    else:
+        runners = {"dense": dense, **models}
+    res = compare_many(runners, batch_size=32, threads=threads, warmup=2, runs=runs, baseline="dense")
+    return {k: 1.0 / res["models"][k]["speedup"] for k in models} | {
+        "_ms": {k: res["models"][k]["median_ms"] for k in runners}
+    }
+
+
+def measured(model: nn.Module, dense: nn.Module, args) -> float:
+    return latency_ratios({"m": model}, dense, "torch", args.threads, args.latency_runs)["m"]
+
+
+# ------------------------------------------------------------------------------------------------- match
+def prune_vitprune(spec: dict, target: float, shared: Shared, args) -> tuple[nn.Module, dict]:
+    settings = dict(spec["settings"])
+    if spec["method"] == "nvit" and "reconstruct" in settings:
+        settings["criterion"] = args.criterion
+    cls = pruners.get(spec["method"])
+    pruner = cls(**settings, target_latency=target, lut=args.lut, lut_batch=32, lut_threads=args.threads,
+                 progress=False, seed=args.seed)  # fmt: skip
+    data = PruneData(shared.calib(32), shared.train_loader(args.batch_size, args.seed))
+    res = pruner.prune(shared.dense, data, teacher=shared.dense)
+    return res.model.eval(), {"settings": {k: str(v) for k, v in settings.items()}, "report": res.report}
+
+
+class TPProber:
+    """Torch-Pruning at a given ratio on the calibration pool (gradients once, or per step when re-scoring)."""
+
+    def __init__(self, spec: dict, shared: Shared, args) -> None:
+        self.spec, self.shared = spec, shared
+        self.plain = TPB.timm_vit_from_vit(shared.dense, fused=True)
+        self.grads = None
+        if spec["importance"] == "taylor" and spec["steps"] == 1:
+            self.grads = TPB.taylor_gradients(self.plain, self._pool())  # every pool image, once
+
+    def _pool(self, chunk: int | None = None, of: int = 1):
+        batches = [b for _, b in zip(range(len(self.shared.calib_idx) // 32), self.shared.calib(32), strict=False)]
+        if chunk is None:
+            return batches
+        per = max(1, len(batches) // of)  # the pool in ``of`` equal shares (cycled when it has fewer batches)
+        return [batches[(chunk * per + i) % len(batches)] for i in range(per)]
+
+    def prune(self, ratio: float) -> nn.Module:
+        s = self.spec
+        grads_fn = None
+        if s["importance"] == "taylor" and s["steps"] > 1:  # each step re-scores on its share of the pool
+            grads_fn = lambda model, k: TPB.taylor_gradients(model, self._pool(k, s["steps"]))  # noqa: E731
+        plain = TPB.tp_prune(self.plain, s["importance"], s["scope"], ratio, "dims", self.grads, s["steps"], grads_fn)
+        return TPB.vit_from_timm_vit(plain, self.shared.dense.config).eval()
+
+
+def match_row(method: str, level: float, shared: Shared, args) -> None:
+    row = Row(Path(args.work), row_name(method, level))
+    if row.state.get("oneshot", {}).get("saved"):
+        return
+    spec = METHODS[method]
+    dense = shared.dense
+    t0 = time.perf_counter()
+    probes: list[dict[str, Any]] = []
+    best: tuple[float, nn.Module, dict] | None = None
+    if spec["kind"] == "vitprune":
+        target = level
+        for _ in range(args.match_tries):
+            model, info = prune_vitprune(spec, target, shared, args)
+            ratio = measured(model, dense, args)
+            probes.append({"target_latency": target, "latency_ratio_torch": ratio})
+            print(f"  {method}@{level:g}: LUT target {target:.3f} -> measured {ratio:.3f}", flush=True)
+            if best is None or abs(ratio - level) < abs(best[0] - level):
+                best = (ratio, model, info | {"target_latency": target})
+            if abs(ratio / level - 1) <= args.tol:
+                break
+            target = min(1.0, max(0.05, target * level / ratio))
+    else:
+        prober = TPProber(spec, shared, args)
+        cache: dict[float, nn.Module] = {}
+
+        def fraction(r: float) -> float:
+            cache[r] = prober.prune(r)
+            ratio = measured(cache[r], dense, args) if r > 0 else 1.0
+            print(f"  {method}@{level:g}: ratio {r:.4f} -> measured {ratio:.3f}", flush=True)
+            return ratio
+
+        r, ratio, trials = TPB.bisect_ratio(fraction, level, guess=1 - level**0.5, iters=8, tol=args.tol * level)
+        probes = [{"tp_ratio": t["ratio"], "latency_ratio_torch": t["fraction"]} for t in trials]
+        model = cache[r] if r in cache else prober.prune(r)
+        best = (ratio, model, {"tp_ratio": r, "settings": {k: spec[k] for k in ("importance", "scope", "steps")}})
+    ratio, model, info = best
+    row.save_oneshot(model)
+    row.state |= {"method": method, "config": spec["config"], "level": level, "settings": info.pop("settings")}
+    row.state["match"] = {"probes": probes, "latency_ratio_torch": ratio, "s": time.perf_counter() - t0,
+                          "commit": git_commit(), **{k: v for k, v in info.items() if k != "report"}}  # fmt: skip
+    row.state["oneshot"] = {"saved": True}
+    row.save()
+    describe_oneshot(row, shared)
+
+
+def total_recovery(method: str, budget: int) -> int:
+    """Recovery images so that the method's total training equals ``budget`` (VTP trains its gates first)."""
+    if METHODS[method]["kind"] == "vitprune" and METHODS[method]["method"] == "vtp":
+        if budget <= VTP_STEPS * 64:
+            raise VitPruneError(f"a {budget}-image budget leaves VTP nothing after its {VTP_STEPS * 64} gate images")
+        return budget - VTP_STEPS * 64
+    return budget
+
+
+def recovery_recipe(items: list[str]) -> dict[str, Any]:
+    from prune_recover import recovery_recipe as parse
+
+    return parse(items)
+
+
+# ------------------------------------------------------------------------------------------------ report
+def collect(args, shared: Shared | None) -> list[dict[str, Any]]:
+    out = []
+    for method in args.methods:
+        for level in args.levels:
+            row = Row(Path(args.work), row_name(method, level))
+            s = row.state
+            if not s.get("oneshot", {}).get("saved"):
+                continue
+            main = s.get("recovered", {}).get(str(total_recovery(method, args.recover)), {})
+            lat = s.get("latency", {})
+            out.append({
+                "method": method,
+                "label": (pruners.REGISTRY.get(METHODS[method].get("method", ""), (None, method))[1]
+                          if METHODS[method]["kind"] == "vitprune" else "Torch-Pruning"),
+                "config": METHODS[method]["config"],
+                "level": level,
+                "latency_ratio_torch": lat.get("torch", s["match"]["latency_ratio_torch"]),
+                "latency_ratio_torch_from": "latency stage" if "torch" in lat else "match probe",
+                "latency_ratio_ort": lat.get("onnxruntime"),
+                "macs_fraction": s["oneshot"].get("macs_fraction"),
+                "top1_oneshot": s["oneshot"].get("top1_val"),
+                "ci95_oneshot": s["oneshot"].get("ci95_val"),
+                "top1_recovered": main.get("top1_val"),
+                "ci95": main.get("ci95_val"),
+                "top1_recovered_tune": main.get("top1_tune"),
+                "recovery_images": main.get("budget", total_recovery(method, args.recover)),
+                "seeds": {k: v.get("top1_val") for k, v in s.get("recovered", {}).items() if "_seed" in k},
+                "curve": {k: v.get("top1_val") for k, v in s.get("recovered", {}).items()},
+                "chosen_on": ("NViT criterion: " + args.criterion_chosen_on + "; reconstruction images/damping: "
+                              "tuning split (session 4)") if method == "nvit" else (
+                              "VTP lambda / gate lr / share: val subset (session 3), NOT re-chosen on the tuning "
+                              "split") if method == "vtp" else "defaults (nothing chosen)",
+                "commit": main.get("commit") or s["match"].get("commit"),
+                "match_commit": s["match"].get("commit"),
+            })  # fmt: skip
+    return out
+
+
+def pictures(rows: list[dict[str, Any]], name: str) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for method in dict.fromkeys(r["method"] for r in rows):
+        mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["latency_ratio_torch"])
+        xs = [r["latency_ratio_torch"] for r in mine]
+        line = ax.plot(xs, [r["top1_oneshot"] for r in mine], "o--", mfc="none", alpha=0.6)[0]
+        rec = [(r["latency_ratio_torch"], r["top1_recovered"]) for r in mine if r["top1_recovered"] is not None]
+        if rec:
+            ax.plot(*zip(*rec, strict=True), "o-", color=line.get_color(), label=method)
+    ax.set_xlabel("measured latency / dense (PyTorch eager, batch 32)")
+    ax.set_ylabel("top-1 % (val, 5,000)")
+    ax.set_title("one-shot (hollow, dashed) and recovered (filled)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    path = RESULTS / f"{name}_pareto.png"
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    files.append(path.name)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in rows:
+        pts = sorted((int(k), v) for k, v in r["curve"].items() if "_seed" not in k and v is not None)
+        if len(pts) > 1:
+            pts = [(0, r["top1_oneshot"]), *pts]
+            ax.plot(*zip(*pts, strict=True), "o-", label=f"{r['method']} @ {r['level']:g}")
+    if ax.lines:
+        ax.set_xlabel("recovery images")
+        ax.set_ylabel("top-1 % (val)")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+        path = RESULTS / f"{name}_recovery_curve.png"
+        fig.savefig(path, dpi=110, bbox_inches="tight")
+        files.append(path.name)
+    plt.close("all")
+    return files
+
+
+def report(args, shared: Shared | None) -> None:
+    rows = collect(args, shared)
+
+    def cell(v, ci=None):
+        return "-" if v is None else (f"{v:.2f}" + (f" +- {ci:.2f}" if ci is not None else ""))
+
+    table = markdown_table(
+        ["method", "configuration", "level", "latency torch", "latency ORT", "MACs", "one-shot top-1",
+         "recovered top-1 +- CI95", "chosen on"],
+        [[r["method"], r["config"], r["level"], cell(r["latency_ratio_torch"]), cell(r["latency_ratio_ort"]),
+          cell(r["macs_fraction"]), cell(r["top1_oneshot"]), cell(r["top1_recovered"], r["ci95"]), r["chosen_on"]]
+         for r in rows],
+    )  # fmt: skip
+    files = pictures(rows, args.name) if rows else []
+    md = (
+        "# Matched measured latency: every method at the same PyTorch-eager latency, recovered alike (ViT-Tiny, "
+        "Tiny-ImageNet-200)\n\n"
+        f"Levels {args.levels} of the dense model's latency (batch 32, {args.threads} threads, round-robin with the "
+        f"dense model), tolerance {args.tol:.0%}; recovery {args.recover} images per row in total"
+        + (f" (VTP: {VTP_STEPS * 64} of them in its gate training)" if "vtp" in args.methods else "")
+        + f", recipe `{args.recovery}`; top-1 on the full val set "
+        "(95 % normal-approximation interval); tuning split: the first "
+        f"{args.tune_per_class} training images per class, never calibration or recovery; calibration: the same "
+        f"{args.calib_images} training images for every method.\n\n" + table + "\n\n"
+        + "".join(f"![{f}]({f})\n" for f in files)
+    )  # fmt: skip
+    write_results(args.name, {"rows": rows, "settings": vars(args), "pictures": files}, md)
+    # the issue's format: a list of rows
+    json_path = RESULTS / f"{args.name}.json"
+    record = json.loads(json_path.read_text())
+    json_path.write_text(json.dumps(record["rows"], indent=2) + "\n")
+    (RESULTS / f"{args.name}_meta.json").write_text(
+        json.dumps({k: v for k, v in record.items() if k != "rows"}, indent=2, default=str) + "\n"
+    )
+
+
+# -------------------------------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if "+dirty" in git_commit() and not args.allow_dirty:
+        raise VitPruneError(f"uncommitted changes ({git_commit()}): run from a clean tree (or --allow-dirty)")
+    recipe = recovery_recipe(args.recovery)
+    needs_data = set(args.stages) - {"report"}
+    shared = load_shared(args.tune_per_class, args.calib_images, args.val_per_class, args.seed) if needs_data else None
+    rows = [(m, lv) for lv in args.levels for m in args.methods]
+    if "match" in args.stages:
+        for method, level in rows:
+            match_row(method, level, shared, args)
+    if "recover" in args.stages:
+        for method, level in rows:
+            row = Row(Path(args.work), row_name(method, level))
+            if row.state.get("oneshot", {}).get("saved"):
+                rec = recover_row(row, shared, total_recovery(method, args.recover), recipe, args.batch_size, 0)
+                rec.setdefault("commit", git_commit())
+                row.save()
+    if "latency" in args.stages:
+        from vitprune.models import load
+
+        names = [row_name(m, lv) for m, lv in rows if Row(Path(args.work), row_name(m, lv)).state.get("oneshot")]
+        models = {n: load(Row(Path(args.work), n).oneshot_dir).eval() for n in names}
+        for runtime in ("torch", "onnxruntime"):
+            ratios = latency_ratios(models, shared.dense, runtime, args.threads, args.latency_runs)
+            for n in names:
+                row = Row(Path(args.work), n)
+                row.state.setdefault("latency", {})[runtime] = ratios[n]
+                row.state["latency"][f"{runtime}_ms"] = {"model": ratios["_ms"][n], "dense": ratios["_ms"]["dense"]}
+                row.state["latency"]["commit"], row.state["latency"]["loadavg"] = git_commit(), loadavg()
+                row.save()
+    for stage, budgets, seeds in (("curve", args.curve_budgets, [0]), ("seeds", [args.recover], args.seeds)):
+        if stage in args.stages:
+            for method in args.curve_methods:
+                row = Row(Path(args.work), row_name(method, args.curve_level))
+                if not row.state.get("oneshot", {}).get("saved"):
+                    continue
+                for budget in budgets:
+                    for seed in seeds:
+                        rec = recover_row(row, shared, total_recovery(method, budget), recipe, args.batch_size, seed)
+                        rec.setdefault("commit", git_commit())
+                        row.save()
+    if "report" in args.stages:
+        report(args, shared)
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except VitPruneError as exc:
+        sys.exit(f"error: {exc}")
