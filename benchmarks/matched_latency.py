@@ -44,6 +44,7 @@ from vitprune.errors import VitPruneError
 from vitprune.metrics.latency import compare_many
 from vitprune.pruners.base import PruneData
 from vitprune.runtime.ort import module_session
+from vitprune.training.runinfo import machine_info
 
 RECONSTRUCT = {"reconstruct": "sequential", "reconstruct_images": 1024, "reconstruct_damping": 1e-2}
 VTP_STEPS = 60  # gate-training steps of 64 images: 3,840 of the 15,360-image total (a 25 % share)
@@ -80,7 +81,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--levels", type=float, nargs="+", default=[0.7, 0.5], help="latency fractions of dense")
     ap.add_argument("--tol", type=float, default=0.03, help="relative tolerance of the latency match")
     ap.add_argument("--match-tries", type=int, default=3, help="prunes per vitprune row while matching")
-    ap.add_argument("--lut", default=str(RESULTS / "lut_accuracy_torch32_table.json"), help="torch LUT, batch 32")
+    ap.add_argument("--lut", default=None, help="torch LUT, batch 32 (default: built in --work for this machine)")
     ap.add_argument("--criterion", default="saliency", help="NViT criterion (chosen on the tuning split)")
     ap.add_argument("--criterion-chosen-on", default="tuning split (prune_recover_nvit50_*: one-shot + recon)")
     ap.add_argument("--recover", type=int, default=15360, help="recovery images per row (total, VTP included)")
@@ -126,6 +127,26 @@ def measured(model: nn.Module, dense: nn.Module, args) -> float:
 
 
 # ------------------------------------------------------------------------------------------------- match
+def ensure_lut(args, dense: nn.Module) -> str:
+    """The torch latency table (batch 32, ``--threads``) of THIS machine: ``--lut``, or one built (and kept) in
+    ``--work`` - rebuilt when the kept one was timed on another CPU (timings never cross machines)."""
+    from vitprune.latency.lut import LatencyTable, build_table, grid_for_config
+
+    if args.lut:
+        return args.lut
+    path = Path(args.work) / "lut_torch_b32.json"
+    if path.is_file():
+        try:
+            LatencyTable.load(path).check_compatible("cpu", 32, "float32", args.threads, runtime="torch")
+            return str(path)
+        except VitPruneError as exc:
+            print(f"rebuilding the latency table: {exc}", flush=True)
+    table = build_table("cpu", 32, "float32", args.threads, grid_for_config(dense.config), num_classes=200,
+                        runs=11, progress=False, calibrate=dense.config)  # fmt: skip
+    table.save(path, overwrite=True)
+    return str(path)
+
+
 def prune_vitprune(spec: dict, target: float, shared: Shared, args) -> tuple[nn.Module, dict]:
     settings = dict(spec["settings"])
     if spec["method"] == "nvit" and "reconstruct" in settings:
@@ -195,7 +216,11 @@ def match_row(method: str, level: float, shared: Shared, args) -> None:
             print(f"  {method}@{level:g}: ratio {r:.4f} -> measured {ratio:.3f}", flush=True)
             return ratio
 
-        r, ratio, trials = TPB.bisect_ratio(fraction, level, guess=1 - level**0.5, iters=8, tol=args.tol * level)
+        guess = 1 - level**0.5  # uniform widths: latency ~ MACs ~ (1 - r)^2
+        sibling = Row(Path(args.work), row_name(method.removesuffix("-it10"), level)).state.get("match", {})
+        if method.endswith("-it10") and "tp_ratio" in sibling:
+            guess = sibling["tp_ratio"]  # each re-scored probe costs minutes: start from the one-step match
+        r, ratio, trials = TPB.bisect_ratio(fraction, level, guess=guess, iters=8, tol=args.tol * level)
         probes = [{"tp_ratio": t["ratio"], "latency_ratio_torch": t["fraction"]} for t in trials]
         model = cache[r] if r in cache else prober.prune(r)
         best = (ratio, model, {"tp_ratio": r, "settings": {k: spec[k] for k in ("importance", "scope", "steps")}})
@@ -203,7 +228,8 @@ def match_row(method: str, level: float, shared: Shared, args) -> None:
     row.save_oneshot(model)
     row.state |= {"method": method, "config": spec["config"], "level": level, "settings": info.pop("settings")}
     row.state["match"] = {"probes": probes, "latency_ratio_torch": ratio, "s": time.perf_counter() - t0,
-                          "commit": git_commit(), **{k: v for k, v in info.items() if k != "report"}}  # fmt: skip
+                          "commit": git_commit(), "cpu": machine_info()["cpu"], "lut": args.lut,
+                          **{k: v for k, v in info.items() if k != "report"}}  # fmt: skip
     row.state["oneshot"] = {"saved": True}
     row.save()
     describe_oneshot(row, shared)
@@ -351,6 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     shared = load_shared(args.tune_per_class, args.calib_images, args.val_per_class, args.seed) if needs_data else None
     rows = [(m, lv) for lv in args.levels for m in args.methods]
     if "match" in args.stages:
+        args.lut = ensure_lut(args, shared.dense)
         for method, level in rows:
             match_row(method, level, shared, args)
     if "recover" in args.stages:
@@ -372,6 +399,7 @@ def main(argv: list[str] | None = None) -> int:
                 row.state.setdefault("latency", {})[runtime] = ratios[n]
                 row.state["latency"][f"{runtime}_ms"] = {"model": ratios["_ms"][n], "dense": ratios["_ms"]["dense"]}
                 row.state["latency"]["commit"], row.state["latency"]["loadavg"] = git_commit(), loadavg()
+                row.state["latency"]["cpu"] = machine_info()["cpu"]
                 row.save()
     for stage, budgets, seeds in (("curve", args.curve_budgets, [0]), ("seeds", [args.recover], args.seeds)):
         if stage in args.stages:

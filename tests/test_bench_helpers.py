@@ -317,3 +317,40 @@ def test_describe_and_speed_side_by_side(dense):
     assert set(res) == {4, 1}
     assert res[4]["models"]["dense"]["speedup"] == 1.0 and res[1]["batch_size"] == 1
     assert "times_ms" not in res[4]["models"]["small"] and res[4]["models"]["small"]["speedup"] > 0
+
+
+def test_split_train_keeps_the_first_files_of_each_class():
+    samples = [("a0", 0), ("b0", 1), ("a1", 0), ("a2", 0), ("b1", 1)]
+    assert R.split_train(samples, 2) == ([0, 1, 2, 4], [3])
+    assert R.split_train(samples, 0) == ([], [0, 1, 2, 3, 4])
+
+
+def test_build_train_loader_never_trains_on_the_tuning_split(tmp_path):
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (tmp_path / c).mkdir()
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(tmp_path / c / f"{i}.png")
+    (tmp_path / "classes.txt").write_text("a\nb\n")
+    loader = R.build_train_loader(tmp_path, tmp_path / "classes.txt", batch_size=2, img_size=16, tune_per_class=1)
+    ds = loader.dataset
+    assert len(ds) == 4 and ds.augment["excluded_tuning_split"] == 2
+    used = {Path(ds.dataset.samples[i][0]).name for i in ds.indices}
+    assert used == {"1.png", "2.png"}  # 0.png of every class is the tuning split
+
+
+@needs_tp
+def test_tp_prune_rescores_between_iterative_steps(dense):
+    plain = T.timm_vit_from_vit(dense)
+    seen = []
+
+    def fresh(model, k):  # the partly pruned model is scored again before each step
+        seen.append((k, model.blocks[0].mlp.fc1.out_features, model.cls_token.shape[-1]))
+        return _grads(model)
+
+    pruned = T.tp_prune(plain, "taylor", "global", 0.4, "dims", None, steps=2, grads_fn=fresh)
+    assert [k for k, _, _ in seen] == [0, 1]
+    assert seen[0][1:] == (64, 32) and (seen[1][1] < 64 or seen[1][2] < 32)  # step 2 saw step 1's pruning
+    model = T.vit_from_timm_vit(pruned, dense.config)
+    assert T.max_logit_difference(pruned, model, 32) < 1e-5
+    assert count_macs(model)["total"] < count_macs(dense)["total"]
