@@ -290,13 +290,18 @@ def test_recover_holds_masks_and_validates(dense):
         R.recover(student, dense, _loader(), budget_images=8, budget_minutes=0)
 
 
-def test_build_train_loader_augments_a_folder(tmp_path):
+def _image_folder(root: Path, classes: tuple[str, ...], per_class: int = 3) -> None:
+    """``root/<class>/<i>.png`` random 20 x 20 images and ``root/classes.txt`` in ``classes`` order."""
     rng = np.random.default_rng(0)
-    for c in ("b", "a"):
-        (tmp_path / c).mkdir()
-        for i in range(3):
-            Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(tmp_path / c / f"{i}.png")
-    (tmp_path / "classes.txt").write_text("b\na\n")
+    for c in classes:
+        (root / c).mkdir()
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
+    (root / "classes.txt").write_text("".join(f"{c}\n" for c in classes))
+
+
+def test_build_train_loader_augments_a_folder(tmp_path):
+    _image_folder(tmp_path, ("b", "a"))
     loader = R.build_train_loader(tmp_path, tmp_path / "classes.txt", batch_size=4, img_size=16)
     batches = list(loader)
     assert len(batches) == 1 and batches[0][0].shape == (4, 3, 16, 16)  # drop_last: 6 images -> one batch
@@ -326,12 +331,7 @@ def test_split_train_keeps_the_first_files_of_each_class():
 
 
 def test_build_train_loader_never_trains_on_the_tuning_split(tmp_path):
-    rng = np.random.default_rng(0)
-    for c in ("a", "b"):
-        (tmp_path / c).mkdir()
-        for i in range(3):
-            Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(tmp_path / c / f"{i}.png")
-    (tmp_path / "classes.txt").write_text("a\nb\n")
+    _image_folder(tmp_path, ("a", "b"))
     loader = R.build_train_loader(tmp_path, tmp_path / "classes.txt", batch_size=2, img_size=16, tune_per_class=1)
     ds = loader.dataset
     assert len(ds) == 4 and ds.augment["excluded_tuning_split"] == 2
