@@ -180,3 +180,21 @@ def test_shared_model_info_and_eval(capsys, tmp_path):
     res = run_json(capsys, ["eval", str(SHARED_MODEL), "--data", str(tmp_path)])
     assert res["n"] == 40 and res["classes_file"] == str(SHARED_MODEL / "classes.txt")
     assert res["top1"] >= 40.0  # 69.46 % on all 5,000 images; P(<= 16/40 correct) ~ 1e-4
+
+
+def test_prune_uses_the_classes_file_next_to_the_model(tiny_model, tmp_path):
+    """prune (like eval) maps folders through the model's own classes.txt when --classes is not given."""
+    data = _image_folder(tmp_path / "data", ["a", "b", "c"])
+    order = ["x0", "x1", "b", "x3", "x4", "c", "x6", "a", "x8", "x9"]
+    with torch.no_grad():
+        tiny_model.head.bias.copy_(torch.zeros(10))
+        tiny_model.head.bias[7] = 50.0  # always output 7 = folder "a" through classes.txt, "x7" in sorted order
+    model_dir = save(tiny_model, tmp_path / "m")
+    (model_dir / "classes.txt").write_text("\n".join(order) + "\n")
+    out = tmp_path / "run"
+    argv = ["prune", "l2", str(model_dir), "--data", str(data), "--val", str(data), "--out", str(out),
+            "--target-macs", "0.9", "--batch-size", "2", "--calib-batch-size", "2", "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["dense"]["eval"]["top1"] == pytest.approx(100 / 3)  # the "a" images only
+    assert report["dense"]["eval"]["top1"] == pytest.approx(_reference_accuracy(tiny_model, data, order))

@@ -7,6 +7,7 @@ Heavy imports stay inside the functions so that building the parser stays cheap.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from vitprune.errors import VitPruneError
+
+CLASSES_FILE = "classes.txt"  # next to a checkpoint: line i names output i
 
 if TYPE_CHECKING:
     from torch.utils.data import DataLoader, Dataset
@@ -124,6 +127,16 @@ def train_transform_for(
     return build_train_transform(
         ev.img_size, ev.mean, ev.std, scale=scale, hflip=hflip, randaugment=randaugment, interpolation=interp
     )
+
+
+def classes_file(model_path: str | os.PathLike, explicit: str | None) -> str | None:
+    """``--classes``, else a ``classes.txt`` next to the model (line i names output i), else None (the folders'
+    sorted order): a checkpoint shipped with its class list is never trained or evaluated in another order."""
+    if explicit:
+        return explicit
+    p = Path(model_path)
+    candidate = (p if p.is_dir() else p.parent) / CLASSES_FILE
+    return str(candidate) if candidate.is_file() else None
 
 
 def load_train_set(args: argparse.Namespace, model: ViT, transform: Callable) -> ImageFolderDataset:

@@ -14,12 +14,12 @@ from typing import Any
 
 import torch
 
+from vitprune.cli import _common
 from vitprune.cli import argtypes as A
 from vitprune.errors import VitPruneError
 from vitprune.metrics.flops import count_macs, format_count, params_breakdown
 from vitprune.models.vit import GATE_NAMES, ViT
 
-CLASSES_FILE = "classes.txt"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -284,15 +284,6 @@ def cmd_info(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------------------- eval
 
 
-def _classes_file(model_path: str, explicit: str | None) -> str | None:
-    """``--classes``, else a ``classes.txt`` next to the model (the order of its outputs), else None."""
-    if explicit:
-        return explicit
-    p = Path(model_path)
-    candidate = (p if p.is_dir() else p.parent) / CLASSES_FILE
-    return str(candidate) if candidate.is_file() else None
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
     import tempfile
 
@@ -313,7 +304,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         else:
             transform = _onnx_transform(model, args.preprocess)
             device = torch.device("cpu")
-        classes = _classes_file(args.model, args.classes)
+        classes = _common.classes_file(args.model, args.classes)
         dataset = ImageFolderDataset(args.data, transform, classes_file=classes, limit_per_class=args.limit_per_class)
         num_classes = getattr(model.config, "num_classes", None)
         if num_classes is not None and dataset.num_classes > num_classes:

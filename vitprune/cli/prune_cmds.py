@@ -83,6 +83,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
             raise VitPruneError(f"--{flag} is required")
     RunOptions(**values_from_args(RunOptions, args))  # every run option checked (ranges, order) before any work
     C.check_threads_and_batch(args)
+    args.classes = C.classes_file(args.model, args.classes)
     pruner = build_pruner(args)
     out = prepare_run_dir(args.out, overwrite=args.overwrite, resume=args.resume)
     fingerprint = F.run_fingerprint(

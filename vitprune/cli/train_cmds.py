@@ -310,6 +310,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     load_start = loadavg()
     models = {"model": args.model, "teacher": args.teacher}
+    args.classes = C.classes_file(args.model, args.classes)
     data = {"data": args.data, "val": args.val, "classes": args.classes}
     device, fingerprint = _setup_runtime(args, models, data)
     model = load_model(args.model, preset=args.preset)
