@@ -192,8 +192,8 @@ def test_recipe_sets_defaults_and_explicit_flags_win(prune_parsers):
     assert args.prune_steps == 5 and args.batch_size == 32 and args.augment is True  # from the recipe
     assert args.kinds == ("heads", "qk", "v", "mlp", "emb") and args.chunks["heads"] == 1
     assert args.target_macs == 0.5 and args.target_params is None
-    assert args.recipe == "nvit-cpu" and args.recipe_info["version"] == 3
-    assert args.criterion == "per_cost" and args.reconstruct == "sequential"  # versions 2 and 3 of the recipe
+    assert args.recipe == "nvit-cpu" and args.recipe_info["version"] == 2
+    assert args.criterion == "per_cost"  # version 2 of the recipe
     before = top.parse_args([*BASE, "--lr", "3e-4", "--recipe=nvit-cpu"])
     assert before.lr == pytest.approx(3e-4) and before.prune_steps == 5
 
