@@ -36,7 +36,7 @@ from typing import Any
 import torch
 import tp_baseline as TPB
 from _common import REPO, RESULTS, git_commit, loadavg, markdown_table, write_results
-from prune_recover import Row, Shared, describe_oneshot, load_shared, recover_row
+from prune_recover import Row, Shared, describe_oneshot, load_shared, recover_row, recovery_recipe
 from torch import nn
 
 from vitprune import pruners
@@ -114,7 +114,7 @@ def latency_ratios(models: dict[str, nn.Module], dense: nn.Module, runtime: str,
     """Latency of each model / dense (batch 32), every model round-robin with the dense one in this process."""
     x = torch.randn(32, 3, 224, 224)
     if runtime == "onnxruntime":
-        runners = {"dense": module_session(dense.eval(), x[:32], threads)}
+        runners = {"dense": module_session(dense.eval(), x, threads)}
         runners |= {k: module_session(m.eval(), x, threads) for k, m in models.items()}
     else:
         runners = {"dense": dense, **models}
@@ -167,12 +167,16 @@ class TPProber:
     def __init__(self, spec: dict, shared: Shared, args) -> None:
         self.spec, self.shared = spec, shared
         self.plain = TPB.timm_vit_from_vit(shared.dense, fused=True)
+        self._batches: list | None = None  # the pool, decoded once (re-scored probes read it many times)
         self.grads = None
         if spec["importance"] == "taylor" and spec["steps"] == 1:
             self.grads = TPB.taylor_gradients(self.plain, self._pool())  # every pool image, once
 
     def _pool(self, chunk: int | None = None, of: int = 1):
-        batches = [b for _, b in zip(range(len(self.shared.calib_idx) // 32), self.shared.calib(32), strict=False)]
+        if self._batches is None:
+            n = max(1, len(self.shared.calib_idx) // 32)
+            self._batches = [b for _, b in zip(range(n), self.shared.calib(32), strict=False)]
+        batches = self._batches
         if chunk is None:
             return batches
         per = max(1, len(batches) // of)  # the pool in ``of`` equal shares (cycled when it has fewer batches)
@@ -246,14 +250,8 @@ def total_recovery(method: str, budget: int) -> int:
     return budget
 
 
-def recovery_recipe(items: list[str]) -> dict[str, Any]:
-    from prune_recover import recovery_recipe as parse
-
-    return parse(items)
-
-
 # ------------------------------------------------------------------------------------------------ report
-def collect(args, shared: Shared | None) -> list[dict[str, Any]]:
+def collect(args) -> list[dict[str, Any]]:
     out = []
     for method in args.methods:
         for level in args.levels:
@@ -332,8 +330,8 @@ def pictures(rows: list[dict[str, Any]], name: str) -> list[str]:
     return files
 
 
-def report(args, shared: Shared | None) -> None:
-    rows = collect(args, shared)
+def report(args) -> None:
+    rows = collect(args)
 
     def cell(v, ci=None):
         return "-" if v is None else (f"{v:.2f}" + (f" +- {ci:.2f}" if ci is not None else ""))
@@ -415,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
                         rec.setdefault("commit", git_commit())
                         row.save()
     if "report" in args.stages:
-        report(args, shared)
+        report(args)
     return 0
 
 
