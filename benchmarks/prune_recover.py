@@ -108,9 +108,10 @@ def endless(ds, batch_size: int, seed: int) -> Iterator:
 class Row:
     """The stages of one row under ``work/<name>`` and what they measured (``state.json``)."""
 
-    def __init__(self, work: Path, name: str) -> None:
+    def __init__(self, work: Path, name: str, create: bool = True) -> None:
         self.dir = work / name
-        self.dir.mkdir(parents=True, exist_ok=True)
+        if create:
+            self.dir.mkdir(parents=True, exist_ok=True)
         self.oneshot_dir = self.dir / "oneshot"
         self.state_path = self.dir / "state.json"
         self.state: dict[str, Any] = json.loads(self.state_path.read_text()) if self.state_path.is_file() else {}
@@ -213,22 +214,25 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     t_start, load_start = time.perf_counter(), loadavg()
     work = Path(args.work)
+    recipe = recovery_recipe(args.recovery)  # every input checked before any file is written or data is read
+    pruner = settings = None
+    if args.oneshot_of:
+        source = Row(work, args.oneshot_of, create=False)
+        if not source.state.get("oneshot", {}).get("saved"):
+            raise VitPruneError(f"row {args.oneshot_of} has no one-shot model in {source.oneshot_dir}")
+    else:
+        cls = pruners.get(args.method)
+        settings = {k: parse_text(cls.Config, k, v) for k, v in key_values(args.set, "--set").items()}
+        pruner = cls(**settings, progress=False, seed=args.seed)
     row = Row(work, args.name)
-    recipe = recovery_recipe(args.recovery)
     shared = load_shared(args.tune_per_class, args.calib_images, args.val_per_class, args.seed)
     evaluate_on(shared.dense, shared.splits, row.state.setdefault("dense", {}))
     row.save()
     if args.oneshot_of:
-        source = Row(work, args.oneshot_of)
-        if not source.state.get("oneshot", {}).get("saved"):
-            raise VitPruneError(f"row {args.oneshot_of} has no one-shot model in {source.oneshot_dir}")
         row.oneshot_dir = source.oneshot_dir
         row.state |= {"oneshot_of": args.oneshot_of, "method": source.state.get("method")}
         row.state |= {"settings": source.state.get("settings")}
     elif not row.state.get("oneshot", {}).get("saved"):
-        cls = pruners.get(args.method)
-        settings = {k: parse_text(cls.Config, k, v) for k, v in key_values(args.set, "--set").items()}
-        pruner = cls(**settings, progress=False, seed=args.seed)
         t0 = time.perf_counter()
         res = pruner.prune(shared.dense, PruneData(shared.calib(args.calib_batch_size),
                                                    shared.train_loader(args.batch_size, args.seed)),

@@ -12,7 +12,9 @@ Decomposition (to keep the grid small): the latency of a whole model is predicte
 Each entry is the median of timed runs of the real :class:`vitprune.models.ViT` sub-modules on a fixed batch /
 dtype / thread count / token count. Timed alone, the branches miss part of what a whole
 model costs (what joins them: the model is one graph / session, not 25 small ones): measured on a 2-core Xeon the
-sum under-predicts ONNX Runtime's end-to-end latency by ~20 % at every size, a constant factor. ``build_table(...,
+sum under-predicts ONNX Runtime's end-to-end latency of the dense ViT-Tiny by a factor 1.17 at batch 32
+(benchmarks/results/lut_accuracy_ort.json, ``calibration``), and scaled by that one factor it predicts random
+pruned architectures within 3 % (median), so the factor is nearly constant across sizes. ``build_table(...,
 calibrate=config)`` therefore also times the model the table is built for end to end and stores
 ``meta["scale"] = measured / sum of its branches``; every entry is read multiplied by it (a one-point
 calibration: ratios between architectures, which a latency-fraction target uses, are unchanged).
