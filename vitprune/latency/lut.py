@@ -491,8 +491,9 @@ def build_table(
         raw = table.predict(calibrate)
         if raw <= 0:
             raise VitPruneError("the latency table predicts no time for the calibration model")
-        meta["scale"] = round(calibration_ms / raw, 6)
-        meta["calibration"] = {"measured_ms": round(calibration_ms, 4), "branches_ms": round(raw, 4)}
+        # Significant digits, not decimals: a tiny model's times are fractions of a millisecond.
+        meta["scale"] = float(f"{calibration_ms / raw:.7g}")
+        meta["calibration"] = {"measured_ms": float(f"{calibration_ms:.7g}"), "branches_ms": float(f"{raw:.7g}")}
     return table
 
 
