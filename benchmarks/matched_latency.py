@@ -271,7 +271,11 @@ def collect(args) -> list[dict[str, Any]]:
                 "latency_ratio_torch_from": "latency stage" if "torch" in lat else "match probe",
                 "latency_ratio_ort": lat.get("onnxruntime"),
                 "macs_fraction": s["oneshot"].get("macs_fraction"),
+                # the issue's third target: ORT speed-up / MACs speed-up = MACs fraction / ORT latency fraction
+                "ort_speedup_over_macs": (s["oneshot"]["macs_fraction"] / lat["onnxruntime"]
+                                          if lat.get("onnxruntime") and s["oneshot"].get("macs_fraction") else None),
                 "top1_oneshot": s["oneshot"].get("top1_val"),
+                "top1_oneshot_tune": s["oneshot"].get("top1_tune"),
                 "ci95_oneshot": s["oneshot"].get("ci95_val"),
                 "top1_recovered": main.get("top1_val"),
                 "ci95": main.get("ci95_val"),
@@ -286,6 +290,39 @@ def collect(args) -> list[dict[str, Any]]:
                 "commit": main.get("commit") or s["match"].get("commit"),
                 "match_commit": s["match"].get("commit"),
             })  # fmt: skip
+    return out
+
+
+def targets(rows: list[dict[str, Any]], levels: list[float]) -> list[str]:
+    """The issue's three targets, read off the rows (a line each; "not measured" where rows are missing)."""
+    out = []
+    by = {(r["method"], r["level"]): r for r in rows}
+    for level in levels:
+        nv = by.get(("nvit", level), {})
+        tp = [r for r in rows if r["level"] == level and r["label"] == "Torch-Pruning" and r["top1_recovered"]]
+        if nv.get("top1_recovered") is None or not tp:
+            out.append(f"- {level:g}x: NViT vs best Torch-Pruning after recovery: not measured yet")
+            continue
+        best = max(tp, key=lambda r: r["top1_recovered"])
+        gap, both = nv["top1_recovered"] - best["top1_recovered"], nv["ci95"] + best["ci95"]
+        verdict = "met" if gap >= 3 and gap > both else "MISSED"
+        out.append(f"- {level:g}x: NViT {nv['top1_recovered']:.2f} +- {nv['ci95']:.2f} vs best Torch-Pruning "
+                   f"({best['method']}) {best['top1_recovered']:.2f} +- {best['ci95']:.2f}: gap {gap:+.2f} "
+                   f"(target >= +3 and outside both intervals, {both:.2f}): {verdict}")  # fmt: skip
+    nv, vtp = by.get(("nvit", 0.7), {}), by.get(("vtp", 0.7), {})
+    if nv.get("top1_recovered") is not None and vtp.get("top1_recovered") is not None:
+        gap = vtp["top1_recovered"] - nv["top1_recovered"]
+        out.append(f"- 0.7x: VTP - NViT = {gap:+.2f} (target >= -2): {'met' if gap >= -2 else 'MISSED'}")
+    else:
+        out.append("- 0.7x: VTP within 2 points of NViT: not measured yet")
+    ort = [r for r in rows if r["ort_speedup_over_macs"] is not None]
+    if ort:
+        low = [f"{r['method']}@{r['level']:g} {r['ort_speedup_over_macs']:.2f}" for r in ort
+               if r["ort_speedup_over_macs"] < 0.85]  # fmt: skip
+        worst = min(ort, key=lambda r: r["ort_speedup_over_macs"])
+        out.append(f"- ONNX Runtime speed-up >= 0.85 x MACs ratio: {len(ort) - len(low)} of {len(ort)} models meet "
+                   f"it (lowest {worst['method']}@{worst['level']:g}: {worst['ort_speedup_over_macs']:.2f})"
+                   + (f"; below: {', '.join(low)}" if low else ""))  # fmt: skip
     return out
 
 
@@ -337,10 +374,11 @@ def report(args) -> None:
         return "-" if v is None else (f"{v:.2f}" + (f" +- {ci:.2f}" if ci is not None else ""))
 
     table = markdown_table(
-        ["method", "configuration", "level", "latency torch", "latency ORT", "MACs", "one-shot top-1",
-         "recovered top-1 +- CI95", "chosen on"],
+        ["method", "configuration", "level", "latency torch", "latency ORT", "MACs", "ORT speed-up / MACs ratio",
+         "one-shot top-1", "recovered top-1 +- CI95", "chosen on"],
         [[r["method"], r["config"], r["level"], cell(r["latency_ratio_torch"]), cell(r["latency_ratio_ort"]),
-          cell(r["macs_fraction"]), cell(r["top1_oneshot"]), cell(r["top1_recovered"], r["ci95"]), r["chosen_on"]]
+          cell(r["macs_fraction"]), cell(r["ort_speedup_over_macs"]), cell(r["top1_oneshot"], r["ci95_oneshot"]),
+          cell(r["top1_recovered"], r["ci95"]), r["chosen_on"]]
          for r in rows],
     )  # fmt: skip
     files = pictures(rows, args.name) if rows else []
@@ -354,6 +392,7 @@ def report(args) -> None:
         "(95 % normal-approximation interval); tuning split: the first "
         f"{args.tune_per_class} training images per class, never calibration or recovery; calibration: the same "
         f"{args.calib_images} training images for every method.\n\n" + table + "\n\n"
+        + "## Targets\n\n" + "\n".join(targets(rows, args.levels)) + "\n\n"
         + "".join(f"![{f}]({f})\n" for f in files)
     )  # fmt: skip
     write_results(args.name, {"rows": rows, "settings": vars(args), "pictures": files}, md)

@@ -354,3 +354,22 @@ def test_tp_prune_rescores_between_iterative_steps(dense):
     model = T.vit_from_timm_vit(pruned, dense.config)
     assert T.max_logit_difference(pruned, model, 32) < 1e-5
     assert count_macs(model)["total"] < count_macs(dense)["total"]
+
+
+def test_matched_latency_targets_read_off_the_rows():
+    """The three #13 targets: gap outside both intervals, VTP within 2 at 0.7x, ORT speed-up vs MACs."""
+    import matched_latency as ML
+
+    def row(method, level, top1, ci, ort=None, label="vitprune"):
+        return {"method": method, "level": level, "top1_recovered": top1, "ci95": ci, "label": label,
+                "ort_speedup_over_macs": ort}  # fmt: skip
+
+    rows = [row("nvit", 0.7, 60.0, 1.3, 0.95), row("tp-l2-global", 0.7, 55.0, 1.4, 0.80, "Torch-Pruning"),
+            row("tp-taylor-global", 0.7, 56.0, 1.4, 1.0, "Torch-Pruning"), row("vtp", 0.7, 57.5, 1.4),
+            row("nvit", 0.5, 50.0, 1.4), row("tp-taylor-global", 0.5, 48.0, 1.4, label="Torch-Pruning")]  # fmt: skip
+    lines = ML.targets(rows, [0.7, 0.5])
+    assert "gap +4.00" in lines[0] and lines[0].endswith("met")  # 4 > 3 and > 1.3 + 1.4
+    assert "gap +2.00" in lines[1] and lines[1].endswith("MISSED")
+    assert "-2.50" in lines[2] and lines[2].endswith("MISSED")
+    assert "2 of 3 models" in lines[3] and "tp-l2-global@0.7 0.80" in lines[3]
+    assert "not measured yet" in ML.targets([], [0.5])[0]
