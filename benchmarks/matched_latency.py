@@ -57,7 +57,13 @@ METHODS: dict[str, dict[str, Any]] = {
                    "config": "paper: NViT Hessian saliency, 10 rounds, no reconstruction"},
     "vtp": {"kind": "vitprune", "method": "vtp",
             "settings": {"sparsity_steps": VTP_STEPS, "finetune_steps": 0, "lam": 1e-3, "gate_lr": 0.05},
-            "config": f"VTP gates qk,v,mlp, L1 lambda 1e-3, gate lr 0.05, {VTP_STEPS} gate steps in the budget"},
+            "config": f"vitprune VTP: gates qk,v,mlp, L1 lambda 1e-3, extra gate step lr 0.05 (ours), {VTP_STEPS} "
+                      "gate steps in the budget",
+            "chosen_on": "VTP lambda / gate lr / share: val subset (session 3), NOT re-chosen on the tuning split"},
+    "vtp-paper": {"kind": "vitprune", "method": "vtp",
+                  "settings": {"sparsity_steps": VTP_STEPS, "finetune_steps": 0, "lam": 1e-4, "gate_lr": 0.0},
+                  "config": f"paper: VTP gates qk,v,mlp, L1 lambda 1e-4, no extra gate step, {VTP_STEPS} gate "
+                            "steps in the budget (the paper trains its gates far longer)"},
     "l2": {"kind": "vitprune", "method": "l2", "settings": {}, "config": "vitprune L2 magnitude, uniform"},
     "taylor": {"kind": "vitprune", "method": "taylor", "settings": {}, "config": "vitprune Taylor |g w|, global"},
     "tp-taylor-global": {"kind": "tp", "importance": "taylor", "scope": "global", "steps": 1,
@@ -284,9 +290,8 @@ def collect(args) -> list[dict[str, Any]]:
                 "seeds": {k: v.get("top1_val") for k, v in s.get("recovered", {}).items() if "_seed" in k},
                 "curve": {k: v.get("top1_val") for k, v in s.get("recovered", {}).items()},
                 "chosen_on": ("NViT criterion: " + args.criterion_chosen_on + "; reconstruction images/damping: "
-                              "tuning split (session 4)") if method == "nvit" else (
-                              "VTP lambda / gate lr / share: val subset (session 3), NOT re-chosen on the tuning "
-                              "split") if method == "vtp" else "defaults (nothing chosen)",
+                              "tuning split (session 4)") if method == "nvit" else METHODS[method].get(
+                              "chosen_on", "defaults / the paper's or example's settings (nothing chosen)"),
                 "commit": main.get("commit") or s["match"].get("commit"),
                 "match_commit": s["match"].get("commit"),
             })  # fmt: skip
@@ -387,7 +392,7 @@ def report(args) -> None:
         "Tiny-ImageNet-200)\n\n"
         f"Levels {args.levels} of the dense model's latency (batch 32, {args.threads} threads, round-robin with the "
         f"dense model), tolerance {args.tol:.0%}; recovery {args.recover} images per row in total"
-        + (f" (VTP: {VTP_STEPS * 64} of them in its gate training)" if "vtp" in args.methods else "")
+        + (f" (VTP: {VTP_STEPS * 64} of them in its gate training)" if any(m.startswith("vtp") for m in args.methods) else "")
         + f", recipe `{args.recovery}`; top-1 on the full val set "
         "(95 % normal-approximation interval); tuning split: the first "
         f"{args.tune_per_class} training images per class, never calibration or recovery; calibration: the same "
