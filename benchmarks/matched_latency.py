@@ -207,9 +207,18 @@ def match_row(method: str, level: float, shared: Shared, args) -> None:
     probes: list[dict[str, Any]] = []
     best: tuple[float, nn.Module, dict] | None = None
     if spec["kind"] == "vitprune":
-        target = level
+        target, last = level, None
         for _ in range(args.match_tries):
-            model, info = prune_vitprune(spec, target, shared, args)
+            try:
+                model, info = prune_vitprune(spec, target, shared, args)
+            except VitPruneError as exc:  # a corrected target below what the method can reach: halve the step
+                if last is None:
+                    raise
+                probes.append({"target_latency": target, "error": str(exc)})
+                print(f"  {method}@{level:g}: LUT target {target:.3f} unreachable ({exc})", flush=True)
+                target = (target + last) / 2
+                continue
+            last = target
             ratio = measured(model, dense, args)
             probes.append({"target_latency": target, "latency_ratio_torch": ratio})
             print(f"  {method}@{level:g}: LUT target {target:.3f} -> measured {ratio:.3f}", flush=True)
@@ -392,7 +401,7 @@ def report(args) -> None:
         "Tiny-ImageNet-200)\n\n"
         f"Levels {args.levels} of the dense model's latency (batch 32, {args.threads} threads, round-robin with the "
         f"dense model), tolerance {args.tol:.0%}; recovery {args.recover} images per row in total"
-        + (f" (VTP: {VTP_STEPS * 64} of them in its gate training)" if any(m.startswith("vtp") for m in args.methods) else "")
+        + (f" (VTP: {VTP_STEPS * 64} of them in its gate training)" if any("vtp" in m for m in args.methods) else "")
         + f", recipe `{args.recovery}`; top-1 on the full val set "
         "(95 % normal-approximation interval); tuning split: the first "
         f"{args.tune_per_class} training images per class, never calibration or recovery; calibration: the same "
