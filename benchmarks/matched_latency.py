@@ -284,6 +284,7 @@ def collect(args) -> list[dict[str, Any]]:
                 "level": level,
                 "latency_ratio_torch": lat.get("torch", s["match"]["latency_ratio_torch"]),
                 "latency_ratio_torch_from": "latency stage" if "torch" in lat else "match probe",
+                "within_tol": abs(lat.get("torch", s["match"]["latency_ratio_torch"]) / level - 1) <= args.tol,
                 "latency_ratio_ort": lat.get("onnxruntime"),
                 "macs_fraction": s["oneshot"].get("macs_fraction"),
                 # the third target: ORT speed-up / MACs speed-up = MACs fraction / ORT latency fraction
@@ -390,9 +391,9 @@ def report(args) -> None:
     table = markdown_table(
         ["method", "configuration", "level", "latency torch", "latency ORT", "MACs", "ORT speed-up / MACs ratio",
          "one-shot top-1", "recovered top-1 +- CI95", "chosen on"],
-        [[r["method"], r["config"], r["level"], cell(r["latency_ratio_torch"]), cell(r["latency_ratio_ort"]),
-          cell(r["macs_fraction"]), cell(r["ort_speedup_over_macs"]), cell(r["top1_oneshot"], r["ci95_oneshot"]),
-          cell(r["top1_recovered"], r["ci95"]), r["chosen_on"]]
+        [[r["method"], r["config"], r["level"], cell(r["latency_ratio_torch"]) + ("" if r["within_tol"] else " (off)"),
+          cell(r["latency_ratio_ort"]), cell(r["macs_fraction"]), cell(r["ort_speedup_over_macs"]),
+          cell(r["top1_oneshot"], r["ci95_oneshot"]), cell(r["top1_recovered"], r["ci95"]), r["chosen_on"]]
          for r in rows],
     )  # fmt: skip
     files = pictures(rows, args.name) if rows else []
@@ -406,6 +407,7 @@ def report(args) -> None:
         "(95 % normal-approximation interval); tuning split: the first "
         f"{args.tune_per_class} training images per class, never calibration or recovery; calibration: the same "
         f"{args.calib_images} training images for every method.\n\n" + table + "\n\n"
+        + f"(off): the measured latency is more than {args.tol:.0%} from the level (the closest probe is kept).\n\n"
         + "## Targets\n\n" + "\n".join(targets(rows, args.levels)) + "\n\n"
         + "".join(f"![{f}]({f})\n" for f in files)
     )  # fmt: skip
