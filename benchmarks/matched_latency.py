@@ -230,18 +230,25 @@ def match_row(method: str, level: float, shared: Shared, args) -> None:
     else:
         prober = TPProber(spec, shared, args)
         cache: dict[float, nn.Module] = {}
+        seen: list[dict[str, float]] = []
 
         def fraction(r: float) -> float:
             cache[r] = prober.prune(r)
             ratio = measured(cache[r], dense, args) if r > 0 else 1.0
             print(f"  {method}@{level:g}: ratio {r:.4f} -> measured {ratio:.3f}", flush=True)
+            seen.append({"ratio": r, "fraction": ratio})
             return ratio
 
         guess = 1 - level**0.5  # uniform widths: latency ~ MACs ~ (1 - r)^2
         sibling = Row(Path(args.work), row_name(method.removesuffix("-it10"), level)).state.get("match", {})
         if method.endswith("-it10") and "tp_ratio" in sibling:
             guess = sibling["tp_ratio"]  # each re-scored probe costs minutes: start from the one-step match
-        r, ratio, trials = TPB.bisect_ratio(fraction, level, guess=guess, iters=8, tol=args.tol * level)
+        try:
+            r, ratio, trials = TPB.bisect_ratio(fraction, level, guess=guess, iters=8, tol=args.tol * level)
+        except VitPruneError as exc:  # the level is out of the method's reach: keep its closest probe (off)
+            print(f"  {method}@{level:g}: {exc}; the closest probe is kept", flush=True)
+            trials = seen
+            r, ratio = min(((t["ratio"], t["fraction"]) for t in seen), key=lambda t: abs(t[1] - level))
         probes = [{"tp_ratio": t["ratio"], "latency_ratio_torch": t["fraction"]} for t in trials]
         model = cache[r] if r in cache else prober.prune(r)
         best = (ratio, model, {"tp_ratio": r, "settings": {k: spec[k] for k in ("importance", "scope", "steps")}})

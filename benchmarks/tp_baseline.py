@@ -369,7 +369,7 @@ def bisect_ratio(
         if g_hi is None:
             g_hi = probe(hi) - target
             if g_hi > tol:
-                raise VitPruneError(f"even pruning ratio {hi} leaves {trials[-1]['fraction']:.3f} of the MACs")
+                raise VitPruneError(f"even pruning ratio {hi} leaves {trials[-1]['fraction']:.3f} (target {target})")
             if abs(g_hi) <= tol:
                 break
         if hi - lo < 1e-4:
