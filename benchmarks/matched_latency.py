@@ -6,15 +6,16 @@ full val set reports) and its row layout under ``--work`` (one-shot model, recov
 each resumable and each refusing a tree with uncommitted changes (every number names a clean commit):
 
 1. ``match`` (needs a quiet machine): prune one-shot so that the model's PyTorch-eager latency (batch 32,
-   ``--threads``, timed round-robin with the dense model in this process) is ``level`` x dense within ``--tol``:
+   ``--threads``, round-robin with the dense model in a FRESH process: :mod:`latency_probe`) is ``level`` x
+   dense within ``--tol``:
    vitprune's methods through their LUT latency target (the torch LUT ``--lut``), re-pruned with a multiplicative
    correction of the target when the measurement misses (at most ``--match-tries`` prunes); Torch-Pruning through
    its pruning ratio, by bisection on the measured latency (:func:`tp_baseline.bisect_ratio`). The closest probe
    is kept.
 2. ``recover``: :func:`prune_recover.recover_row`, ``--recover`` images (VTP: minus the images its gate training
    already used, so that every method gets the same total), then top-1 on tuning and val.
-3. ``latency``: all matched models and the dense one, round-robin in one process, in PyTorch eager and in ONNX
-   Runtime (batch 32), the ratios reported (the match stage's probes are only for matching).
+3. ``latency``: every matched model with the dense one, round-robin in a fresh process per model and runtime
+   (:mod:`latency_probe`), in PyTorch eager and in ONNX Runtime (batch 32), the ratios reported.
 4. ``curve`` (recovery budgets ``--curve-budgets`` for ``--curve-methods`` at ``--curve-level``) and ``seeds``
    (``--seeds`` more recovery seeds for the same rows).
 5. ``report``: ``benchmarks/results/matched_latency.json`` (a list of rows), ``.md`` and two pictures.
@@ -29,21 +30,22 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 import tp_baseline as TPB
-from _common import REPO, RESULTS, git_commit, loadavg, markdown_table, write_results
+from _common import REPO, RESULTS, git_commit, loadavg, markdown_table, shared_model, write_results
+from latency_probe import probe
 from prune_recover import Row, Shared, describe_oneshot, load_shared, recover_row, recovery_recipe
 from torch import nn
 
 from vitprune import pruners
 from vitprune.errors import VitPruneError
-from vitprune.metrics.latency import compare_many
+from vitprune.models import save
 from vitprune.pruners.base import PruneData
-from vitprune.runtime.ort import module_session
 from vitprune.training.runinfo import machine_info
 
 RECONSTRUCT = {"reconstruct": "sequential", "reconstruct_images": 1024, "reconstruct_damping": 1e-2}
@@ -116,22 +118,12 @@ def row_name(method: str, level: float) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ latency
-def latency_ratios(models: dict[str, nn.Module], dense: nn.Module, runtime: str, threads: int, runs: int) -> dict:
-    """Latency of each model / dense (batch 32), every model round-robin with the dense one in this process."""
-    x = torch.randn(32, 3, 224, 224)
-    if runtime == "onnxruntime":
-        runners = {"dense": module_session(dense.eval(), x, threads)}
-        runners |= {k: module_session(m.eval(), x, threads) for k, m in models.items()}
-    else:
-        runners = {"dense": dense, **models}
-    res = compare_many(runners, batch_size=32, threads=threads, warmup=2, runs=runs, baseline="dense")
-    return {k: 1.0 / res["models"][k]["speedup"] for k in models} | {
-        "_ms": {k: res["models"][k]["median_ms"] for k in runners}
-    }
-
-
 def measured(model: nn.Module, dense: nn.Module, args) -> float:
-    return latency_ratios({"m": model}, dense, "torch", args.threads, args.latency_runs)["m"]
+    """The model's PyTorch-eager latency / dense, timed in a fresh process (:mod:`latency_probe` says why)."""
+    del dense  # the probe loads the shared dense model itself: nothing else may live in the timing process
+    with tempfile.TemporaryDirectory(dir=args.work) as tmp:
+        save(model, Path(tmp) / "probe")
+        return probe(Path(tmp) / "probe", shared_model(), "torch", args.threads, args.latency_runs)["ratio"]
 
 
 # ------------------------------------------------------------------------------------------------- match
@@ -450,19 +442,25 @@ def main(argv: list[str] | None = None) -> int:
                 rec.setdefault("commit", git_commit())
                 row.save()
     if "latency" in args.stages:
-        from vitprune.models import load
-
         names = [row_name(m, lv) for m, lv in rows if Row(Path(args.work), row_name(m, lv)).state.get("oneshot")]
-        models = {n: load(Row(Path(args.work), n).oneshot_dir).eval() for n in names}
-        for runtime in ("torch", "onnxruntime"):
-            ratios = latency_ratios(models, shared.dense, runtime, args.threads, args.latency_runs)
-            for n in names:
-                row = Row(Path(args.work), n)
-                row.state.setdefault("latency", {})[runtime] = ratios[n]
-                row.state["latency"][f"{runtime}_ms"] = {"model": ratios["_ms"][n], "dense": ratios["_ms"]["dense"]}
-                row.state["latency"]["commit"], row.state["latency"]["loadavg"] = git_commit(), loadavg()
-                row.state["latency"]["cpu"] = machine_info()["cpu"]
-                row.save()
+        for n in names:  # each model alone with the dense one, in a fresh process per runtime
+            row = Row(Path(args.work), n)
+            for runtime in ("torch", "onnxruntime"):
+                res = probe(row.oneshot_dir, shared_model(), runtime, args.threads, args.latency_runs)
+                row.state.setdefault("latency", {})[runtime] = res["ratio"]
+                row.state["latency"][f"{runtime}_ms"] = {"model": res["model_ms"], "dense": res["dense_ms"]}
+            row.state["latency"] |= {
+                "commit": git_commit(),
+                "loadavg": loadavg(),
+                "cpu": machine_info()["cpu"],
+                "protocol": "fresh process per model and runtime, round-robin with dense",
+            }
+            print(
+                f"  latency {n}: torch {row.state['latency']['torch']:.3f}, "
+                f"ORT {row.state['latency']['onnxruntime']:.3f}",
+                flush=True,
+            )
+            row.save()
     for stage, budgets, seeds in (("curve", args.curve_budgets, [0]), ("seeds", [args.recover], args.seeds)):
         if stage in args.stages:
             for method in args.curve_methods:

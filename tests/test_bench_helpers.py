@@ -373,3 +373,20 @@ def test_matched_latency_targets_read_off_the_rows():
     assert "-2.50" in lines[2] and lines[2].endswith("MISSED")
     assert "2 of 3 models" in lines[3] and "tp-l2-global@0.7 0.80" in lines[3]
     assert "not measured yet" in ML.targets([], [0.5])[0]
+
+
+def test_latency_probe_times_a_saved_model_in_a_fresh_process(tmp_path):
+    """The matched-latency probe: a new process loads the dense and the saved model, returns their ratio."""
+    import latency_probe as LP
+
+    from vitprune.models import save
+
+    torch.manual_seed(0)
+    cfg = ViTConfig.uniform(32, 2, 2, num_classes=3, img_size=16, patch_size=8)
+    small = ViTConfig(embed_dim=32, blocks=[BlockConfig(1, 8, 8, 16)] * 2, num_classes=3, img_size=16, patch_size=8)
+    save(ViT(cfg), tmp_path / "dense")
+    save(ViT(small), tmp_path / "small")
+    res = LP.probe(tmp_path / "small", tmp_path / "dense", "torch", threads=1, runs=2, batch=2)
+    assert res["ratio"] > 0 and res["dense_ms"] > 0 and res["runs"] == 2
+    with pytest.raises(VitPruneError, match=r"latency probe of .*missing failed"):
+        LP.probe(tmp_path / "missing", tmp_path / "dense", "torch", threads=1, runs=1, batch=2)
