@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -39,13 +40,16 @@ def time_pair(model_dir: str, dense_dir: str, runtime: str, threads: int, runs: 
         runners = {k: module_session(m, x, threads) for k, m in runners.items()}
     res = compare_many(runners, batch_size=batch, threads=threads, warmup=2, runs=runs, baseline="dense")
     stats = res["models"]
-    return {"ratio": 1.0 / stats["model"]["speedup"], "model_ms": stats["model"]["median_ms"],
-            "dense_ms": stats["dense"]["median_ms"], "runtime": runtime, "runs": runs, "batch_size": batch,
-            "threads": threads}  # fmt: skip
+    # the median of the per-round ratios: a slow spell of the machine hits both models of a round alike
+    rounds = sorted(m / d for m, d in zip(stats["model"]["times_ms"], stats["dense"]["times_ms"], strict=True))
+    return {"ratio": statistics.median(rounds), "ratio_of_medians": 1.0 / stats["model"]["speedup"],
+            "ratio_p10_p90": [rounds[len(rounds) // 10], rounds[-1 - len(rounds) // 10]],
+            "model_ms": stats["model"]["median_ms"], "dense_ms": stats["dense"]["median_ms"], "runtime": runtime,
+            "runs": runs, "batch_size": batch, "threads": threads}  # fmt: skip
 
 
 def probe(model_dir: str | os.PathLike, dense_dir: str | os.PathLike, runtime: str = "torch", threads: int = 2,
-          runs: int = 10, batch: int = 32) -> dict[str, Any]:  # fmt: skip
+          runs: int = 20, batch: int = 32) -> dict[str, Any]:  # fmt: skip
     """:func:`time_pair` in a new Python process (this file as a script); raises ``VitPruneError`` on failure."""
     from vitprune.errors import VitPruneError
 
@@ -65,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dense", default=None, help="the dense model (default: the shared ViT-Tiny)")
     ap.add_argument("--runtime", choices=("torch", "onnxruntime"), default="torch")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--runs", type=int, default=10)
+    ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--batch", type=int, default=32)
     args = ap.parse_args(argv)
     if args.dense is None:

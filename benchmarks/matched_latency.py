@@ -105,7 +105,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--val-per-class", type=int, default=25)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--latency-runs", type=int, default=10)
+    ap.add_argument("--latency-runs", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", default=str(REPO / "runs" / "matched"))
     ap.add_argument("--name", default="matched_latency")
