@@ -1,10 +1,11 @@
 """Latency of one saved model / the dense one, timed round-robin in a FRESH process (the matched-latency probe).
 
-Why a fresh process: on the 2-core Xeon the same model's PyTorch-eager latency ratio moved with what the timing
-process had done before (NViT 0.5x: 0.50 right after pruning it, 0.53 with 22 other models loaded, 0.37-0.39 alone
-with the dense model in a new process; session 6). A user runs one model in its process, so each probe loads only
-the dense model and the model under test, and nothing else, then times them round-robin
-(:func:`vitprune.metrics.latency.compare_many`, batch 32) in PyTorch eager or ONNX Runtime.
+Why a fresh process: a user runs one model in its process, so each probe loads only the dense model and the model
+under test (no data, no other models, no allocator history) and times them round-robin
+(:func:`vitprune.metrics.latency.compare_many`, batch 32) in PyTorch eager or ONNX Runtime; the ratio is the median
+of the per-round ratios. What it does NOT remove (measured, session 6, benchmarks/results/latency_protocols.md): on
+the shared 2-core VM the dense model's batch-32 latency drifted from 296 ms to 392-456 ms within two hours while the
+pruned models' moved ~10 %, so one model's ratio read 0.53 and later 0.37-0.42; repeat probes over time.
 
     python benchmarks/latency_probe.py runs/matched/nvit@0.5/oneshot --runtime onnxruntime    # prints one JSON
 """

@@ -44,21 +44,27 @@ def main(argv: list[str] | None = None) -> int:
     runners = {"dense": load_model(str(shared_model())).eval()} | {n: load(work / n / "oneshot").eval() for n in every}
     res = compare_many(runners, batch_size=32, threads=args.threads, warmup=2, runs=args.runs, baseline="dense")
     many = {n: 1.0 / res["models"][n]["speedup"] for n in every}
+    ms = {n: res["models"][n]["median_ms"] for n in ["dense", *every]}
     del runners, res
-    fresh = {n: [probe(work / n / "oneshot", shared_model(), "torch", args.threads, args.runs)["ratio"]
-                 for _ in range(args.repeats)] for n in args.rows}  # fmt: skip
-    rows = [{"row": n, "many": many[n], "fresh": fresh[n], "fresh_median": statistics.median(fresh[n])}
+    probes = {n: [probe(work / n / "oneshot", shared_model(), "torch", args.threads, args.runs)
+                  for _ in range(args.repeats)] for n in args.rows}  # fmt: skip
+    rows = [{"row": n, "many": many[n], "many_ms": {"model": ms[n], "dense": ms["dense"]},
+             "fresh": [p["ratio"] for p in probes[n]], "fresh_median": statistics.median(p["ratio"] for p in probes[n]),
+             "fresh_ms": [{"model": p["model_ms"], "dense": p["dense_ms"]} for p in probes[n]]}
             for n in args.rows]  # fmt: skip
     table = markdown_table(
         ["row", f"many ({len(every)} models in one process)", "fresh process, each probe", "fresh / many"],
-        [[r["row"], f"{r['many']:.3f}", ", ".join(f"{x:.3f}" for x in r["fresh"]),
+        [[r["row"], f"{r['many']:.3f} ({r['many_ms']['model']:.0f} / {r['many_ms']['dense']:.0f} ms)",
+          ", ".join(f"{x:.3f} ({m['model']:.0f} / {m['dense']:.0f} ms)" for x, m in zip(r["fresh"], r["fresh_ms"],
+                                                                                   strict=True)),
           f"{r['fresh_median'] / r['many']:.2f}"] for r in rows],
     )  # fmt: skip
     md = (
         "# Latency ratio (model / dense, PyTorch eager, batch 32) by timing protocol\n\n"
         f"`many`: all {len(every)} saved models of `{work.name}` and the dense one round-robin in one process "
         f"({args.runs} rounds); `fresh`: the model alone with the dense one in a new process "
-        f"(benchmarks/latency_probe.py, median of {args.runs} per-round ratios), {args.repeats} times.\n\n" + table
+        f"(benchmarks/latency_probe.py, median of {args.runs} per-round ratios), {args.repeats} times. "
+        "In brackets: model / dense median ms.\n\n" + table
     )
     write_results(args.name, {"rows": rows, "settings": vars(args), "models_in_process": every}, md)
     return 0

@@ -285,6 +285,7 @@ def collect(args) -> list[dict[str, Any]]:
                 "latency_ratio_torch_from": "latency stage" if "torch" in lat else "match probe",
                 "within_tol": abs(lat.get("torch", s["match"]["latency_ratio_torch"]) / level - 1) <= args.tol,
                 "latency_ratio_ort": lat.get("onnxruntime"),
+                "latency_ms": {k: lat[f"{k}_ms"] for k in ("torch", "onnxruntime") if f"{k}_ms" in lat},
                 "macs_fraction": s["oneshot"].get("macs_fraction"),
                 # the third target: ORT speed-up / MACs speed-up = MACs fraction / ORT latency fraction
                 "ort_speedup_over_macs": (s["oneshot"]["macs_fraction"] / lat["onnxruntime"]
