@@ -4,8 +4,8 @@ Why a fresh process: a user runs one model in its process, so each probe loads o
 under test (no data, no other models, no allocator history) and times them round-robin
 (:func:`vitprune.metrics.latency.compare_many`, batch 32) in PyTorch eager or ONNX Runtime; the ratio is the median
 of the per-round ratios. What it does NOT remove (measured, session 6, benchmarks/results/latency_protocols.md): on
-the shared 2-core VM most pruned models' times held (NViT 0.5x: 157-161 ms; VTP 0.7x moved 216 -> 277-294 ms), the
-dense model's did not (296 ms in a long-lived matching process, 362-428 ms in fresh ones): repeat probes.
+the shared 2-core VM most pruned models' times held (NViT 0.5x: 157-168 ms; VTP 0.7x moved 216 -> 258-308 ms), the
+dense model's did not (296 ms in a long-lived matching process, 364-452 ms in fresh ones): repeat probes.
 
     python benchmarks/latency_probe.py runs/matched/nvit@0.5/oneshot --runtime onnxruntime    # prints one JSON
 """
