@@ -118,9 +118,8 @@ def row_name(method: str, level: float) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ latency
-def measured(model: nn.Module, dense: nn.Module, args) -> float:
+def measured(model: nn.Module, args) -> float:
     """The model's PyTorch-eager latency / dense, timed in a fresh process (:mod:`latency_probe` says why)."""
-    del dense  # the probe loads the shared dense model itself: nothing else may live in the timing process
     with tempfile.TemporaryDirectory(dir=args.work) as tmp:
         save(model, Path(tmp) / "probe")
         return probe(Path(tmp) / "probe", shared_model(), "torch", args.threads, args.latency_runs)["ratio"]
@@ -194,7 +193,6 @@ def match_row(method: str, level: float, shared: Shared, args) -> None:
     if row.state.get("oneshot", {}).get("saved"):
         return
     spec = METHODS[method]
-    dense = shared.dense
     t0 = time.perf_counter()
     probes: list[dict[str, Any]] = []
     best: tuple[float, nn.Module, dict] | None = None
@@ -211,7 +209,7 @@ def match_row(method: str, level: float, shared: Shared, args) -> None:
                 target = (target + last) / 2
                 continue
             last = target
-            ratio = measured(model, dense, args)
+            ratio = measured(model, args)
             probes.append({"target_latency": target, "latency_ratio_torch": ratio})
             print(f"  {method}@{level:g}: LUT target {target:.3f} -> measured {ratio:.3f}", flush=True)
             if best is None or abs(ratio - level) < abs(best[0] - level):
@@ -226,7 +224,7 @@ def match_row(method: str, level: float, shared: Shared, args) -> None:
 
         def fraction(r: float) -> float:
             cache[r] = prober.prune(r)
-            ratio = measured(cache[r], dense, args) if r > 0 else 1.0
+            ratio = measured(cache[r], args) if r > 0 else 1.0
             print(f"  {method}@{level:g}: ratio {r:.4f} -> measured {ratio:.3f}", flush=True)
             seen.append({"ratio": r, "fraction": ratio})
             return ratio
