@@ -390,3 +390,22 @@ def test_latency_probe_times_a_saved_model_in_a_fresh_process(tmp_path):
     assert res["ratio"] > 0 and res["dense_ms"] > 0 and res["runs"] == 2
     with pytest.raises(VitPruneError, match=r"latency probe of .*missing failed"):
         LP.probe(tmp_path / "missing", tmp_path / "dense", "torch", threads=1, runs=1, batch=2)
+
+
+def test_matched_latency_repeats_fresh_probes_and_keeps_the_median(monkeypatch):
+    """One fresh probe is noisier than the 3 % tolerance: the match reads the median of ``--probe-repeats``."""
+    import argparse
+
+    import matched_latency as ML
+
+    seen = iter([{"ratio": 0.74, "model_ms": 300.0, "dense_ms": 405.0},
+                 {"ratio": 0.69, "model_ms": 280.0, "dense_ms": 406.0},
+                 {"ratio": 0.70, "model_ms": 290.0, "dense_ms": 414.0}])  # fmt: skip
+    calls = []
+    monkeypatch.setattr(ML, "probe", lambda *a: calls.append(a) or next(seen))
+    monkeypatch.setattr(ML, "shared_model", lambda: "dense")
+    args = argparse.Namespace(threads=2, latency_runs=5, probe_repeats=3)
+    res = ML.repeated_probe("m", "torch", args)
+    assert len(calls) == 3 and all(c == ("m", "dense", "torch", 2, 5) for c in calls)
+    assert res["ratio"] == 0.70 and res["ratios"] == [0.74, 0.69, 0.70]
+    assert res["model_ms"] == 290.0 and res["dense_ms"] == 406.0
