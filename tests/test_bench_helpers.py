@@ -373,6 +373,11 @@ def test_matched_latency_targets_read_off_the_rows():
     assert "-2.50" in lines[2] and lines[2].endswith("MISSED")
     assert "2 of 3 models" in lines[3] and "tp-l2-global@0.7 0.80" in lines[3]
     assert "not measured yet" in ML.targets([], [0.5])[0]
+    # the best baseline is the tuning split's choice; the val-best is named beside it when it differs
+    rows[1]["top1_recovered_tune"], rows[2]["top1_recovered_tune"] = 70.0, 69.0
+    line = ML.targets(rows, [0.7])[0]
+    assert "(tp-l2-global, of 2 chosen on the tuning split) 55.00" in line and "gap +5.00" in line
+    assert "best on val: tp-taylor-global 56.00, gap +4.00" in line
 
 
 def test_latency_probe_times_a_saved_model_in_a_fresh_process(tmp_path):
