@@ -17,6 +17,8 @@ from _common import REPO, RESULTS, environment
 # (results file stem, section title): the order of docs/RESULTS.md. Missing files are listed as not yet run.
 SECTIONS = [
     ("eval_dense", "Dense reference evaluation"),
+    ("matched_latency", "Latency-matched, held-out benchmark: every method at the same measured ONNX Runtime latency"),
+    ("data_efficient", "Data-efficient pruning: one-shot + reconstruction, then the shared recovery"),
     ("structural", "Structural pruning: NViT, VTP and Torch-Pruning side by side"),
     ("nvit_benchmark", "NViT on the shared ViT-Tiny (MACs targets)"),
     ("nvit_benchmark_50", "NViT at 50 % MACs, one-shot and after recovery"),
