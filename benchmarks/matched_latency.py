@@ -114,6 +114,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--latency-runs", type=int, default=20, help="timed rounds per probe")
+    ap.add_argument("--latency-runtimes", nargs="+", choices=("torch", "onnxruntime"), default=["torch", "onnxruntime"],
+                    help="runtimes the latency stage (re-)measures")  # fmt: skip
     ap.add_argument("--probe-repeats", type=int, default=3, help="fresh-process probes per measurement (median)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", default=str(REPO / "runs" / "matched"))
@@ -482,9 +484,18 @@ def main(argv: list[str] | None = None) -> int:
         names = [row_name(m, lv) for m, lv in rows if Row(Path(args.work), row_name(m, lv)).state.get("oneshot")]
         for n in names:  # each model alone with the dense one, in a fresh process per runtime
             row = Row(Path(args.work), n)
-            for runtime in ("torch", "onnxruntime"):
+            for runtime in args.latency_runtimes:
                 res = repeated_probe(row.oneshot_dir, runtime, args)
-                row.state.setdefault("latency", {})[runtime] = res["ratio"]
+                lat = row.state.setdefault("latency", {})
+                if runtime in lat:  # a re-measurement (e.g. after a kernel change) keeps what it replaces
+                    old = {
+                        "runtime": runtime,
+                        "ratio": lat[runtime],
+                        "ratios": lat.get(f"{runtime}_ratios"),
+                        "commit": lat.get(f"{runtime}_commit", lat.get("commit")),
+                    }
+                    lat.setdefault("replaced", []).append(old)
+                lat[runtime], lat[f"{runtime}_commit"] = res["ratio"], git_commit()
                 row.state["latency"][f"{runtime}_ratios"] = res["ratios"]
                 row.state["latency"][f"{runtime}_ms"] = {"model": res["model_ms"], "dense": res["dense_ms"]}
             row.state["latency"] |= {
@@ -494,11 +505,8 @@ def main(argv: list[str] | None = None) -> int:
                 "protocol": f"median of {args.probe_repeats} fresh processes per model and runtime, round-robin "
                 "with dense",
             }
-            print(
-                f"  latency {n}: torch {row.state['latency']['torch']:.3f}, "
-                f"ORT {row.state['latency']['onnxruntime']:.3f}",
-                flush=True,
-            )
+            lat = row.state["latency"]
+            print(f"  latency {n}: torch {lat.get('torch', 0):.3f}, ORT {lat.get('onnxruntime', 0):.3f}", flush=True)
             row.save()
     for stage, budgets, seeds in (("curve", args.curve_budgets, [0]), ("seeds", [args.recover], args.seeds)):
         if stage in args.stages:

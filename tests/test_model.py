@@ -31,6 +31,35 @@ def test_attention_matches_plain_reference():
     torch.testing.assert_close(attn(x), ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dq,dv", [(5, 7), (7, 5), (6, 6)])
+def test_padded_attention_equals_the_unpadded_one_with_its_gradients(dq, dv):
+    """The CPU path pads the narrower of QK / V to reach the fused kernel: same values, same gradients."""
+    from vitprune.models.vit import attention
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 9, d, dtype=torch.float64, requires_grad=True) for d in (dq, dq, dv))
+    out = attention(q, k, v, 0.3)
+    ref = torch.softmax(q @ k.transpose(-1, -2) * 0.3, -1) @ v
+    assert out.shape == ref.shape == (2, 3, 9, dv)
+    w = torch.randn_like(ref)
+    grads = torch.autograd.grad((out * w).sum(), (q, k, v))
+    ref_grads = torch.autograd.grad((ref * w).sum(), (q, k, v))
+    torch.testing.assert_close(out, ref)
+    for g, r in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, r)
+
+
+def test_attention_does_not_pad_while_exporting(monkeypatch):
+    """ONNX Runtime runs unequal widths itself: no pad in an exported graph."""
+    from vitprune.models import vit
+
+    monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)
+    monkeypatch.setattr(vit.F, "pad", lambda *a, **k: pytest.fail("padded while exporting"))
+    q, k, v = torch.randn(1, 2, 4, 3), torch.randn(1, 2, 4, 3), torch.randn(1, 2, 4, 5)
+    ref = torch.softmax(q @ k.transpose(-1, -2) * 0.5, -1) @ v
+    torch.testing.assert_close(vit.attention(q, k, v, 0.5), ref)
+
+
 def test_scale_is_stored_not_derived():
     b = BlockConfig(3, 64, 64, 768)
     assert b.scale == pytest.approx(64**-0.5)
