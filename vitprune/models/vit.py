@@ -71,6 +71,9 @@ class DropPath(nn.Module):
         return x * x.new_empty(shape).bernoulli_(keep) / keep
 
 
+PAD_TO_FUSED = True  # zero-pad unequal QK / V head widths on the CPU so the fused kernel runs (see attention)
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
     """``softmax(q k^T * scale) v`` per head (q, k: ``(..., n, dq)``, v: ``(..., n, dv)``).
 
@@ -83,7 +86,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
     dq, dv = q.shape[-1], v.shape[-1]
     if dq == 0:  # no query/key dims left: scores are all zero, attention is uniform
         return v.mean(dim=-2, keepdim=True).expand(v.shape)
-    if dq == dv or q.device.type != "cpu" or torch.onnx.is_in_onnx_export():
+    if dq == dv or not PAD_TO_FUSED or q.device.type != "cpu" or torch.onnx.is_in_onnx_export():
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
     if dq < dv:
         q, k = F.pad(q, (0, dv - dq)), F.pad(k, (0, dv - dq))
