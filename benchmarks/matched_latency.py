@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 import tp_baseline as TPB
-from _common import REPO, RESULTS, git_commit, loadavg, markdown_table, shared_model, write_results
+from _common import REPO, RESULTS, environment, git_commit, loadavg, markdown_table, shared_model, write_results
 from latency_probe import probe
 from prune_recover import Row, Shared, describe_oneshot, load_shared, recover_row, recovery_recipe
 from torch import nn
@@ -418,6 +418,7 @@ def pictures(rows: list[dict[str, Any]], name: str) -> list[str]:
 
 
 def report(args) -> None:
+    env = environment()  # before the pictures are (re)written: the provenance names the tree as it was
     rows = collect(args)
 
     def cell(v, ci=None):
@@ -449,7 +450,7 @@ def report(args) -> None:
         + "## Targets\n\n" + "\n".join(targets(rows, args.levels)) + "\n\n"
         + "".join(f"![{f}]({f})\n" for f in files)
     )  # fmt: skip
-    write_results(args.name, {"rows": rows, "settings": vars(args), "pictures": files}, md)
+    write_results(args.name, {"rows": rows, "settings": vars(args), "pictures": files, "environment": env}, md)
     # the format: a list of rows
     json_path = RESULTS / f"{args.name}.json"
     record = json.loads(json_path.read_text())
