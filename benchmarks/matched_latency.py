@@ -121,7 +121,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--work", default=str(REPO / "runs" / "matched"))
     ap.add_argument("--name", default="matched_latency")
     ap.add_argument("--allow-dirty", action="store_true", help="smoke runs only: numbers from an unclean tree")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    for flag in ("probe_repeats", "latency_runs"):
+        if getattr(args, flag) < 1:
+            ap.error(f"--{flag.replace('_', '-')} must be >= 1 (got {getattr(args, flag)})")
+    return args
 
 
 def row_name(method: str, level: float) -> str:
@@ -315,6 +319,7 @@ def collect(args) -> list[dict[str, Any]]:
                 "latency_ratios_repeated": {k: lat[f"{k}_ratios"] for k in ("torch", "onnxruntime")
                                             if f"{k}_ratios" in lat},
                 "latency_ms": {k: lat[f"{k}_ms"] for k in ("torch", "onnxruntime") if f"{k}_ms" in lat},
+                "latency_replaced": lat.get("replaced", []),  # earlier measurements (e.g. before a kernel change)
                 "macs_fraction": s["oneshot"].get("macs_fraction"),
                 # the third target: ORT speed-up / MACs speed-up = MACs fraction / ORT latency fraction
                 "ort_speedup_over_macs": (s["oneshot"]["macs_fraction"] / lat["onnxruntime"]
@@ -496,17 +501,19 @@ def main(argv: list[str] | None = None) -> int:
                         "commit": lat.get(f"{runtime}_commit", lat.get("commit")),
                     }
                     lat.setdefault("replaced", []).append(old)
-                lat[runtime], lat[f"{runtime}_commit"] = res["ratio"], git_commit()
-                row.state["latency"][f"{runtime}_ratios"] = res["ratios"]
-                row.state["latency"][f"{runtime}_ms"] = {"model": res["model_ms"], "dense": res["dense_ms"]}
-            row.state["latency"] |= {
+                lat[runtime], lat[f"{runtime}_commit"], lat[f"{runtime}_ratios"] = (
+                    res["ratio"],
+                    git_commit(),
+                    res["ratios"],
+                )
+                lat[f"{runtime}_ms"] = {"model": res["model_ms"], "dense": res["dense_ms"]}
+            lat |= {
                 "commit": git_commit(),
                 "loadavg": loadavg(),
                 "cpu": machine_info()["cpu"],
                 "protocol": f"median of {args.probe_repeats} fresh processes per model and runtime, round-robin "
                 "with dense",
             }
-            lat = row.state["latency"]
             print(f"  latency {n}: torch {lat.get('torch', 0):.3f}, ORT {lat.get('onnxruntime', 0):.3f}", flush=True)
             row.save()
     for stage, budgets, seeds in (("curve", args.curve_budgets, [0]), ("seeds", [args.recover], args.seeds)):

@@ -414,3 +414,12 @@ def test_matched_latency_repeats_fresh_probes_and_keeps_the_median(monkeypatch):
     assert len(calls) == 3 and all(c == ("m", "dense", "torch", 2, 5) for c in calls)
     assert res["ratio"] == 0.70 and res["ratios"] == [0.74, 0.69, 0.70]
     assert res["model_ms"] == 290.0 and res["dense_ms"] == 406.0
+
+
+@pytest.mark.parametrize("flag", ["--probe-repeats", "--latency-runs"])
+def test_matched_latency_refuses_fewer_than_one_probe(flag, capsys):
+    import matched_latency as ML
+
+    with pytest.raises(SystemExit) as exc:
+        ML.parse_args([flag, "0"])
+    assert exc.value.code == 2 and f"{flag} must be >= 1 (got 0)" in capsys.readouterr().err

@@ -78,8 +78,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
     """``softmax(q k^T * scale) v`` per head (q, k: ``(..., n, dq)``, v: ``(..., n, dv)``).
 
     PyTorch's fused CPU attention kernel needs one head width for q, k and v; a pruned block's QK and V widths
-    differ and fall back to the unfused kernel, which was ~2x slower per block here (batch 32, 197 tokens, widths
-    40 / 64: 26 vs 13 ms). So on the CPU the narrower side is zero-padded to the wider one: zero q / k dims add
+    differ and fall back to the unfused kernel (a whole NViT 0.7x model in eager: 0.898 of dense before, 0.682
+    after; benchmarks/results/matched_latency.json ``latency_replaced``).
+    So on the CPU the narrower side is zero-padded to the wider one: zero q / k dims add
     nothing to a score, and the zero v dims give output dims that are sliced off - the same values. Not while
     exporting to ONNX: ONNX Runtime runs unequal widths in its own kernels and a pad would only cost it time.
     """
