@@ -380,6 +380,32 @@ def targets(rows: list[dict[str, Any]], levels: list[float]) -> list[str]:
     return out
 
 
+def curve_and_seeds(rows: list[dict[str, Any]]) -> list[str]:
+    """Items 4-5 of the issue as Markdown: val top-1 per recovery budget (0 = one-shot) and the seed-to-seed spread."""
+    out: list[str] = []
+    curves = [r for r in rows if sum("_seed" not in k and v is not None for k, v in r["curve"].items()) > 1]
+    if curves:
+        budgets = sorted({int(k) for r in curves for k, v in r["curve"].items() if "_seed" not in k and v is not None})
+        out += ["| row | " + " | ".join(["0 (one-shot)", *map(str, budgets)]) + " |",
+                "| --- |" + " --- |" * (len(budgets) + 1)]  # fmt: skip
+        for r in curves:
+            cells = [r["curve"].get(str(b)) for b in budgets]
+            out.append(f"| {r['method']}@{r['level']:g} | {r['top1_oneshot']:.2f} | "
+                       + " | ".join("-" if v is None else f"{v:.2f}" for v in cells) + " |")  # fmt: skip
+        out.append("")
+    for r in rows:
+        base = r["curve"].get(str(r["recovery_images"]))
+        extra = {k.split("_seed")[1]: v for k, v in r["curve"].items()
+                 if k.startswith(f"{r['recovery_images']}_seed") and v is not None}  # fmt: skip
+        if base is None or not extra:
+            continue
+        vals = [base, *extra.values()]
+        out.append(f"- {r['method']}@{r['level']:g}, {r['recovery_images']} images: seed 0 {base:.2f}, "
+                   + ", ".join(f"seed {k} {v:.2f}" for k, v in extra.items())
+                   + f" (spread {max(vals) - min(vals):.2f}; one run's 95 % interval {r['ci95']:.2f})")  # fmt: skip
+    return out
+
+
 def pictures(rows: list[dict[str, Any]], name: str) -> list[str]:
     import matplotlib
 
@@ -439,6 +465,7 @@ def report(args) -> None:
          for r in rows],
     )  # fmt: skip
     files = pictures(rows, args.name) if rows else []
+    extra = curve_and_seeds(rows)
     md = (
         "# Matched measured latency: every method at the same measured latency, recovered alike (ViT-Tiny, "
         "Tiny-ImageNet-200)\n\n"
@@ -453,6 +480,7 @@ def report(args) -> None:
         f"{args.calib_images} training images for every method.\n\n" + table + "\n\n"
         + f"(off): the measured latency is more than {args.tol:.0%} from the level (the closest probe is kept).\n\n"
         + "## Targets\n\n" + "\n".join(targets(rows, args.levels)) + "\n\n"
+        + ("## Recovery curve and seeds (val top-1 %)\n\n" + "\n".join(extra) + "\n\n" if extra else "")
         + "".join(f"![{f}]({f})\n" for f in files)
     )  # fmt: skip
     write_results(args.name, {"rows": rows, "settings": vars(args), "pictures": files, "environment": env}, md)

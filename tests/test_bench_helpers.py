@@ -423,3 +423,32 @@ def test_matched_latency_refuses_fewer_than_one_probe(flag, capsys):
     with pytest.raises(SystemExit) as exc:
         ML.parse_args([flag, "0"])
     assert exc.value.code == 2 and f"{flag} must be >= 1 (got 0)" in capsys.readouterr().err
+
+
+def test_matched_latency_curve_and_seeds_tabulate_the_recovered_budgets():
+    """Items 4-5: one line per curve row with every budget (0 = one-shot), and each row's seeds with their spread."""
+    import matched_latency as ML
+
+    nv = {
+        "method": "nvit",
+        "level": 0.5,
+        "top1_oneshot": 20.0,
+        "recovery_images": 15360,
+        "ci95": 1.4,
+        "curve": {"5120": 35.0, "15360": 44.0, "46080": 50.5, "15360_seed1": 43.0},
+    }
+    tp = {
+        "method": "tp-taylor-global",
+        "level": 0.5,
+        "top1_oneshot": 2.0,
+        "recovery_images": 15360,
+        "ci95": 1.2,
+        "curve": {"15360": 25.0},
+    }
+    lines = ML.curve_and_seeds([nv, tp])
+    assert lines[0] == "| row | 0 (one-shot) | 5120 | 15360 | 46080 |"
+    assert lines[2] == "| nvit@0.5 | 20.00 | 35.00 | 44.00 | 50.50 |"
+    assert not any(line.startswith("| tp-taylor-global") for line in lines)  # one budget is not a curve
+    assert lines[-1] == ("- nvit@0.5, 15360 images: seed 0 44.00, seed 1 43.00 (spread 1.00; one run's 95 % "
+                         "interval 1.40)")  # fmt: skip
+    assert ML.curve_and_seeds([tp]) == []
