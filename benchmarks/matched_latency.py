@@ -380,12 +380,17 @@ def targets(rows: list[dict[str, Any]], levels: list[float]) -> list[str]:
     return out
 
 
+def budget_points(row: dict[str, Any]) -> dict[int, float]:
+    """Seed-0 val top-1 per recovery budget of a row (the curve; other seeds' keys end in ``_seed<k>``)."""
+    return {int(k): v for k, v in row["curve"].items() if "_seed" not in k and v is not None}
+
+
 def curve_and_seeds(rows: list[dict[str, Any]]) -> list[str]:
     """Items 4-5 of the issue as Markdown: val top-1 per recovery budget (0 = one-shot) and the seed-to-seed spread."""
     out: list[str] = []
-    curves = [r for r in rows if sum("_seed" not in k and v is not None for k, v in r["curve"].items()) > 1]
+    curves = [r for r in rows if len(budget_points(r)) > 1]
     if curves:
-        budgets = sorted({int(k) for r in curves for k, v in r["curve"].items() if "_seed" not in k and v is not None})
+        budgets = sorted({b for r in curves for b in budget_points(r)})
         out += ["| row | " + " | ".join(["0 (one-shot)", *map(str, budgets)]) + " |",
                 "| --- |" + " --- |" * (len(budgets) + 1)]  # fmt: skip
         for r in curves:
@@ -432,7 +437,7 @@ def pictures(rows: list[dict[str, Any]], name: str) -> list[str]:
     files.append(path.name)
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in rows:
-        pts = sorted((int(k), v) for k, v in r["curve"].items() if "_seed" not in k and v is not None)
+        pts = sorted(budget_points(r).items())
         if len(pts) > 1:
             pts = [(0, r["top1_oneshot"]), *pts]
             ax.plot(*zip(*pts, strict=True), "o-", label=f"{r['method']} @ {r['level']:g}")
