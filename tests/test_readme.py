@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from vitprune.cli.main import main
+from vitprune.latency.lut import LatencyTable
 from vitprune.models import ViT, ViTConfig, save
 from vitprune.models.presets import get_preset
 
@@ -119,14 +120,31 @@ def test_readme_has_the_commands_of_every_method():
     assert {argv[0] for argv in commands} >= {"info", "eval", "bench", "export", "prune", "finetune", "lut"}
 
 
+def _analytic(table_path: Path) -> None:
+    """Replace a stand-in table's timings with ones proportional to MACs (same grid and metadata): a tiny model's
+    one-run timings are noise - on a loaded machine its stem outweighed its blocks and the README's half-latency
+    target became unreachable. The commands stay exercised; the pruning that reads the table is deterministic."""
+    table = LatencyTable.load(table_path)
+    g = {k: np.asarray(v, dtype=float) for k, v in table.grid.items()}
+    emb, heads, qk, v = np.meshgrid(g["emb"], g["heads"], g["qk"], g["v"], indexing="ij")
+    table.attn_ms = 1e-4 * emb * heads * (qk + v)
+    table.mlp_ms = 1e-4 * 2 * g["emb"][:, None] * g["mlp"][None, :]
+    table.stem_ms = 1e-5 * g["emb"]
+    table.meta["scale"] = 1.0
+    table.save(table_path, overwrite=True)
+
+
 def test_every_readme_command_runs(stand_ins, capsys):
     (Path(stand_ins["root"]) / "out" / "runs").mkdir(parents=True)
     commands = sorted(readme_commands(), key=_phase)  # stable: README order within a phase
-    for argv in commands:
+    for i, argv in enumerate(commands):
         full = _budget(_substitute(argv, stand_ins), stand_ins)
         code = main(full)
         err = capsys.readouterr().err
         assert code == 0, f"vitprune {shlex.join(argv)} failed: {err.strip().splitlines()[-1:] or err}"
+        if argv[:2] == ["lut", "build"] and (i + 1 == len(commands) or _phase(commands[i + 1]) > 0):
+            for path in (Path(stand_ins["root"]) / "out").glob("*.lut.json"):  # the last build is done
+                _analytic(path)
 
 
 def test_every_readme_python_example_runs(stand_ins, tmp_path, monkeypatch, capsys):
