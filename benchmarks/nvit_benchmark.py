@@ -115,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             batches_per_step=args.batches_per_step,
             saliency_mode=args.saliency_mode,
             criterion=args.criterion,
+            reconstruct="off",  # as recorded (the paper's; vitprune's default re-solves proj / fc2)
             round_to=args.round_to or None,
             finetune_steps=0,
             seed=args.seed,

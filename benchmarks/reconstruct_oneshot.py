@@ -89,6 +89,7 @@ def run_nvit(args, dense, ds, saliency_idx, tune, dense_macs, rows) -> tuple[Str
         batches_per_step=args.batches_per_step,
         round_to=args.round_to or None,
         criterion=args.criterion,
+        reconstruct="off",  # this script applies (and compares) the reconstructions itself
         scoring=args.scoring,
         kinds=tuple(args.kinds.split(",")),
         reconstruct_images=args.calib,  # images per round of the reconstruction-aware scores

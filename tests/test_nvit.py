@@ -224,9 +224,26 @@ def test_resume_continues_interrupted_run(tmp_path):
         vitprune.prune(_model(4), "nvit", data, out=tmp_path / "b", resume=True, **(settings | {"target_macs": 0.4}))
 
 
+def test_default_ranks_per_cost_and_reconstructs_the_paper_settings_do_neither():
+    """The library default is the configuration the tuning split chose (per MAC saved + reconstruction); the
+    reconstruction re-solves the weights only: same selection as ``per_cost`` without it, logits nearer dense."""
+    data, common = _data(2, bs=8), {"target_macs": 0.5, "prune_steps": 1, "batches_per_step": 1, "progress": False}
+    default = NViTPruner(**common).prune(_model(5), data)
+    paper = NViTPruner(**common, **NViTConfig.PAPER).prune(_model(5), data)
+    unfit = NViTPruner(**common, reconstruct="off").prune(_model(5), data)
+    assert default.report["settings"]["criterion"] == "per_cost" and "reconstruction" in default.report
+    assert paper.report["settings"]["criterion"] == "saliency" and "reconstruction" not in paper.report
+    assert default.masks == unfit.masks and default.model.config == unfit.model.config
+    x, dense = torch.cat([b[0] for b in data]), _model(5).eval()
+    with torch.no_grad():
+        gap = {k: float((r.model.eval()(x) - dense(x)).pow(2).mean()) for k, r in (("fit", default), ("unfit", unfit))}
+    assert gap["fit"] < gap["unfit"]
+
+
 def test_pruner_output_equals_masked_model():
     model = _model(5)
-    res = NViTPruner(target_macs=0.6, prune_steps=1, batches_per_step=1, progress=False).prune(model, _data(1))
+    paper = NViTPruner.Config.PAPER  # surgery only: the default's reconstruction re-solves proj / fc2
+    res = NViTPruner(target_macs=0.6, prune_steps=1, batches_per_step=1, progress=False, **paper).prune(model, _data(1))
     masked = apply_masks(_model(5), res.masks)  # the result's masks describe the (rounded) pruned model exactly
     x = _data(1, seed=9)[0][0]
     torch.testing.assert_close(res.model(x), masked(x), atol=1e-5, rtol=1e-5)

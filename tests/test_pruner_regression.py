@@ -50,11 +50,27 @@ COMMON = {"seed": 0, "log_every": 0, "progress": False}
 STRUCTURAL = {
     "nvit_macs": (
         "nvit",
-        dict(target_macs=0.5, prune_steps=2, batches_per_step=2, train_steps_between=2, finetune_steps=2, lr=2e-4),
+        dict(
+            target_macs=0.5,
+            prune_steps=2,
+            batches_per_step=2,
+            train_steps_between=2,
+            finetune_steps=2,
+            lr=2e-4,
+            criterion="saliency",
+            reconstruct="off",
+        ),  # recorded before these two defaults changed
     ),
     "nvit_params_per_cost": (
         "nvit",
-        dict(target_params=0.6, prune_steps=2, batches_per_step=1, criterion="per_cost", kinds=("heads", "mlp", "emb")),
+        dict(
+            target_params=0.6,
+            prune_steps=2,
+            batches_per_step=1,
+            criterion="per_cost",
+            kinds=("heads", "mlp", "emb"),
+            reconstruct="off",
+        ),
     ),
     "vtp": (
         "vtp",

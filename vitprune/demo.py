@@ -245,6 +245,8 @@ class Demo:
 
     def _settings(self, cls: type) -> dict[str, Any]:
         """The demo's budgets as settings of ``cls``: only the fields its config has are passed."""
+        from vitprune.pruners.structural import StructuralConfig
+
         cfg = self.cfg
         offered = {
             "seed": cfg.seed,
@@ -261,11 +263,15 @@ class Demo:
             "num_samples": cfg.obs_num_grads,
             "block_size": cfg.obs_block_size,
             "max_memory_gb": 2.0,
+            # like for like, as recorded: no method re-solves its kept weights (NViT's default would)
+            "reconstruct": "off",
         }
         if cfg.obs_damp is not None:
             offered["damp"] = cfg.obs_damp
         if cls.kind == STRUCTURAL:
             offered |= cls.budget_settings(cfg.method_steps, cfg.nvit_prune_steps)
+        if issubclass(cls.Config, StructuralConfig):  # the greedy rankings: by score alone, as NViT's paper
+            offered["criterion"] = "saliency"
         names = {f.name for f in dataclasses.fields(cls.Config)}
         return {k: v for k, v in offered.items() if k in names}
 

@@ -61,7 +61,15 @@ def main() -> None:
 
     common = {"seed": 0, "log_every": 0, "progress": False}
     small, rep = NViTPruner(
-        target_macs=0.5, prune_steps=2, batches_per_step=2, train_steps_between=2, finetune_steps=2, lr=2e-4, **common
+        target_macs=0.5,
+        prune_steps=2,
+        batches_per_step=2,
+        train_steps_between=2,
+        finetune_steps=2,
+        lr=2e-4,
+        **common,
+        criterion="saliency",
+        reconstruct="off",  # the defaults when this was recorded
     ).prune(dense, loader, teacher=teacher)
     meta["nvit_macs"] = {"masks": json.loads(json.dumps(rep["masks"])), "config": small.config.to_dict()}
     logits("nvit_macs", small)
@@ -72,6 +80,7 @@ def main() -> None:
         batches_per_step=1,
         criterion="per_cost",
         kinds=("heads", "mlp", "emb"),
+        reconstruct="off",
         **common,
     ).prune(dense, loader, teacher=teacher)
     meta["nvit_params_per_cost"] = {"masks": rep["masks"], "config": small.config.to_dict()}
