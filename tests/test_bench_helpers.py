@@ -378,6 +378,10 @@ def test_matched_latency_targets_read_off_the_rows():
     line = ML.targets(rows, [0.7])[0]
     assert "(tp-l2-global, of 2 chosen on the tuning split) 55.00" in line and "gap +5.00" in line
     assert "best on val: tp-taylor-global 56.00, gap +4.00" in line
+    # the paper's NViT gets its own line beside the default's, against the same baseline
+    lines = ML.targets([*rows, row("nvit-paper", 0.7, 57.0, 1.3)], [0.7])
+    assert lines[0].startswith("- 0.7x: NViT 60.00") and lines[1].startswith("- 0.7x: paper NViT")
+    assert "(tp-l2-global, of 2 chosen on the tuning split) 55.00" in lines[1] and lines[1].count("gap +2.00")
 
 
 def test_latency_probe_times_a_saved_model_in_a_fresh_process(tmp_path):
