@@ -117,6 +117,9 @@ def run_eval(eval_fn: EvalFn | None, model: nn.Module) -> dict[str, Any] | None:
 
 
 # ------------------------------------------------------------------------------------------------ configs
+RECONSTRUCT_MODES = ("off", "sequential", "dense-inputs")  # the ``reconstruct`` setting (pruners/reconstruct.py)
+
+
 @dataclass
 class PrunerConfig:
     """Recovery (fine-tuning) settings every method shares: distillation from the teacher after pruning."""
@@ -140,7 +143,7 @@ class PrunerConfig:
         None, kind="str", nullable=True, choices=("none", "bf16", "fp16"), help="teacher precision (default: --amp)"
     )
     reconstruct: str = setting(
-        "off", choices=("off", "sequential", "dense-inputs"),
+        "off", choices=RECONSTRUCT_MODES,
         help="closed-form reconstruction of the kept weights after selection (pruners/reconstruct.py)",
     )  # fmt: skip
     reconstruct_target: str | None = setting(
@@ -339,6 +342,7 @@ def jsonable(obj: Any) -> Any:
 
 
 __all__ = [
+    "RECONSTRUCT_MODES",
     "EvalFn",
     "PruneData",
     "PruneResult",

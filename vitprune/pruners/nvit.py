@@ -32,7 +32,8 @@ from torch import Tensor
 
 from vitprune.errors import VitPruneError
 from vitprune.models.vit import ViT
-from vitprune.pruners.base import Run
+from vitprune.pruners.base import RECONSTRUCT_MODES, Run
+from vitprune.pruners.selection import CRITERIA
 from vitprune.pruners.settings import setting
 from vitprune.pruners.structural import StructuralConfig, StructuralPruner
 from vitprune.scoring.hessian import MODES, HessianSaliency, compute_saliency
@@ -47,11 +48,11 @@ class NViTConfig(StructuralConfig):
     PAPER: ClassVar[dict[str, object]] = {"criterion": "saliency", "reconstruct": "off"}
 
     criterion: str = setting(
-        "per_cost", choices=("saliency", "per_cost"),
+        "per_cost", choices=CRITERIA,
         help="greedy: score per cost saved (ours, default), or the paper's score (saliency)",
     )  # fmt: skip
     reconstruct: str = setting(
-        "sequential", choices=("off", "sequential", "dense-inputs"),
+        "sequential", choices=RECONSTRUCT_MODES,
         help="closed-form reconstruction of proj / fc2 after selection (ours, default; the paper: off)",
     )  # fmt: skip
     reconstruct_images: int = setting(1024, low=1, help="calibration images of the reconstruction")
